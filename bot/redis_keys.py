@@ -1,0 +1,54 @@
+"""Every Redis key shape the bot uses, in one place."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+CONSUMER_GROUP = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    prefix: str = "wecom"
+
+    def dedupe(self, dedupe_key: str) -> str:
+        """Seen-marker for one callback or kf message (MsgId, or the composite event key)."""
+        return f"{self.prefix}:dedupe:{dedupe_key}"
+
+    def inbound_stream(self, partition: int) -> str:
+        """Inbound work for one partition; a conversation always maps to the same partition."""
+        return f"{self.prefix}:inbound:{partition}"
+
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead-letters"
+
+    def partition_lease(self, partition: int) -> str:
+        """Which worker owns a partition; only the owner reads it, which keeps per-customer order."""
+        return f"{self.prefix}:lease:{partition}"
+
+    def workers(self) -> str:
+        """Sorted set of live worker ids scored by their last heartbeat (ms)."""
+        return f"{self.prefix}:workers"
+
+    def delivery_count(self, partition: int) -> str:
+        """Hash: stream entry id -> failed attempts so far."""
+        return f"{self.prefix}:attempts:{partition}"
+
+    def access_token(self, corp_id: str, secret: str) -> str:
+        return f"{self.prefix}:token:{corp_id}:{secret_fingerprint(secret)}"
+
+    def access_token_lock(self, corp_id: str, secret: str) -> str:
+        return f"{self.prefix}:token-lock:{corp_id}:{secret_fingerprint(secret)}"
+
+    def kf_sync_lock(self, open_kfid: str) -> str:
+        return f"{self.prefix}:kf-sync-lock:{open_kfid}"
+
+    def kf_sync_pending(self, open_kfid: str) -> str:
+        """Set while a pull is wanted for an account, so a callback during a pull is not lost."""
+        return f"{self.prefix}:kf-sync-pending:{open_kfid}"
+
+
+def secret_fingerprint(secret: str) -> str:
+    """Secrets never appear in key names; a short hash tells tokens of different secrets apart."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]

@@ -1,0 +1,152 @@
+"""Settings loaded once at start-up from the environment and `.env`, then passed down explicitly."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/wecom-bot.sqlite3"
+
+
+class SettingsError(Exception):
+    """A bad setting; the message is one line naming the variable and what is wrong."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    wecom_corp_id: str = ""
+    wecom_token: str = ""
+    wecom_aes_key: str = ""
+    wecom_agent_id: int | None = None
+    wecom_secret: str = ""
+    wecom_kf_secret: str = ""
+    wecom_api_base: str = DEFAULT_API_BASE
+
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = ""
+    redis_key_prefix: str = "wecom"
+
+    bot_host: str = "0.0.0.0"  # noqa: S104 - a server is meant to listen on all interfaces in a container
+    bot_port: int = Field(default=8080, ge=1, le=65535)
+    bot_public_url: str = ""
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    callback_max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    callback_max_clock_skew_s: int = Field(default=86_400, ge=60)
+    dedupe_ttl_s: int = Field(default=86_400, ge=60)
+
+    queue_partitions: int = Field(default=8, ge=1, le=1024)
+    worker_concurrency: int = Field(default=1, ge=0, le=64)
+    dead_letter_after: int = Field(default=5, ge=1, le=100)
+    reclaim_idle_ms: int = Field(default=30_000, ge=100)
+    lease_ttl_ms: int = Field(default=10_000, ge=500)
+
+    http_timeout_s: float = Field(default=10.0, gt=0)
+    api_max_retries: int = Field(default=3, ge=0, le=10)
+
+    sandbox_sim_port: int = Field(default=8081, ge=0, le=65535)
+
+    @field_validator("wecom_aes_key")
+    @classmethod
+    def _aes_key_shape(cls, value: str) -> str:
+        if not value:
+            return value
+        if len(value) != 43:
+            raise ValueError(f"must be exactly 43 characters (got {len(value)})")
+        try:
+            key = base64.b64decode(value + "=", validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64 (copy EncodingAESKey from the WeCom admin console)") from None
+        if len(key) != 32:
+            raise ValueError("does not decode to a 32-byte AES key")
+        return value
+
+    @field_validator("wecom_api_base", "bot_public_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str) -> str:
+        for plain, async_driver in (
+            ("postgres://", "postgresql+asyncpg://"),
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
+            if value.startswith(plain):
+                return async_driver + value[len(plain):]
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("must be a postgresql:// or sqlite:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL (leave unset for in-process fakeredis)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return upper
+
+    @property
+    def sandbox(self) -> bool:
+        """No WeCom credentials: run against the in-process simulator."""
+        return not (self.wecom_corp_id and self.wecom_secret)
+
+    @property
+    def kf_secret(self) -> str:
+        return self.wecom_kf_secret or self.wecom_secret
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    def sqlite_path(self) -> Path | None:
+        prefix = "sqlite+aiosqlite:///"
+        if self.database_url.startswith(prefix) and ":memory:" not in self.database_url:
+            return Path(self.database_url[len(prefix):])
+        return None
+
+    def check_complete(self) -> None:
+        """Outside sandbox mode every credential the callback needs must be present."""
+        if self.sandbox:
+            return
+        for name in ("wecom_token", "wecom_aes_key"):
+            if not getattr(self, name):
+                raise SettingsError(f"{name.upper()}: required when WECOM_CORP_ID and WECOM_SECRET are set")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; raise SettingsError with one clear line on the first bad value."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise SettingsError(f"{name}: {message}") from None
+    settings.check_complete()
+    return settings
