@@ -1,0 +1,753 @@
+"""All SQL of the bot: inbound messages, conversations, customers, the reply outbox and kf cursors.
+
+Every method opens its own short transaction, so callers never hold a session across network calls.
+Customer message text is stored (it is the product) but must never be logged; nothing here logs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Result, case, func, literal, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute
+
+from bot.storage.models import (
+    Conversation,
+    ConversationStatus,
+    Customer,
+    Direction,
+    KfCursor,
+    Message,
+    MessageStatus,
+    Outbox,
+    OutboxStatus,
+    UTCDateTime,
+)
+from handlers.domain import Channel, Clock, InboundMessage, KfOrigin, OutboundMessage, SystemClock
+
+MAX_ERROR_CHARS = 2000
+_ACTIVE_CONVERSATION = text("status <> 'resolved'")  # must match the uq_conversations_active predicate
+_TERMINAL_STATUSES = frozenset({MessageStatus.HANDLED, MessageStatus.UNKNOWN, MessageStatus.FAILED})
+
+
+@dataclass(frozen=True, slots=True)
+class InboundRecord:
+    """The stored row of an inbound message; created is False when it was already there."""
+
+    id: int
+    status: MessageStatus
+    created: bool
+    customer_id: int | None
+    conversation_id: int | None
+
+    @property
+    def handled(self) -> bool:
+        return self.status is MessageStatus.HANDLED
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    """One reserved reply; send what is stored here, not a freshly computed reply."""
+
+    id: int
+    inbound_message_id: int
+    seq: int
+    channel: Channel
+    recipient: str
+    account_id: str
+    msgtype: str
+    payload: Mapping[str, Any]
+    welcome_code: str | None
+    idempotency_key: str
+    status: OutboxStatus
+    attempts: int
+    last_error: str | None
+    provider_msgid: str | None
+    created_at: datetime
+    sent_at: datetime | None
+    created: bool = False
+
+    @property
+    def sent(self) -> bool:
+        return self.status is OutboxStatus.SENT
+
+    def to_outbound(self) -> OutboundMessage:
+        """The reply as the domain value the WeCom client sends."""
+        return OutboundMessage(
+            channel=self.channel,
+            to=self.recipient,
+            account_id=self.account_id,
+            msgtype=self.msgtype,
+            content=dict(self.payload),
+            welcome_code=self.welcome_code,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """A stored message, in or out. text is customer content: show it, never log it."""
+
+    id: int
+    channel: Channel
+    wecom_msgid: str
+    direction: Direction
+    customer_id: int | None
+    conversation_id: int | None
+    account_id: str
+    msgtype: str
+    text: str | None
+    payload: Mapping[str, Any]
+    origin: int | None
+    status: MessageStatus
+    handler: str | None
+    created_at: datetime
+    received_at: datetime
+    handled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    id: int
+    channel: Channel
+    account_id: str
+    customer_id: int
+    status: ConversationStatus
+    kf_service_state: int | None
+    opened_at: datetime
+    updated_at: datetime
+    last_inbound_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    id: int
+    channel: Channel
+    external_id: str
+    name: str | None
+    corp_tag_ids: tuple[str, ...]
+    first_seen_at: datetime
+    last_seen_at: datetime
+
+
+def _insert(session: AsyncSession, model: type[Any]) -> postgresql.Insert | sqlite.Insert:
+    # Both dialects spell upserts the same way (ON CONFLICT ...), but through different Insert classes.
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(model)
+    return sqlite.insert(model)
+
+
+def _later(new: ColumnElement[Any], old: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
+    """SQL for the later of two nullable timestamps (NULL loses)."""
+    return case((new.is_(None), old), (old.is_(None), new), (new > old, new), else_=old)
+
+
+def _earlier(new: ColumnElement[Any], old: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
+    return case((new < old, new), else_=old)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    # UPDATE results are CursorResults at runtime; the session's execute() is typed for SELECTs.
+    return cast(CursorResult[Any], result).rowcount
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences from parsers as plain dicts and lists, so they serialise as JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _outbound_text(content: Mapping[str, Any]) -> str | None:
+    # The human-readable part of a reply body, for the conversation history.
+    for key in ("content", "head_content", "title"):
+        value = content.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _message_record(row: Message) -> MessageRecord:
+    return MessageRecord(
+        id=row.id,
+        channel=Channel(row.channel),
+        wecom_msgid=row.wecom_msgid,
+        direction=Direction(row.direction),
+        customer_id=row.customer_id,
+        conversation_id=row.conversation_id,
+        account_id=row.account_id,
+        msgtype=row.msgtype,
+        text=row.text,
+        payload=row.payload,
+        origin=row.origin,
+        status=MessageStatus(row.status),
+        handler=row.handler,
+        created_at=row.created_at,
+        received_at=row.received_at,
+        handled_at=row.handled_at,
+    )
+
+
+def _outbox_record(row: Outbox, *, created: bool = False) -> OutboxRecord:
+    return OutboxRecord(
+        id=row.id,
+        inbound_message_id=row.inbound_message_id,
+        seq=row.seq,
+        channel=Channel(row.channel),
+        recipient=row.recipient,
+        account_id=row.account_id,
+        msgtype=row.msgtype,
+        payload=row.payload,
+        welcome_code=row.welcome_code,
+        idempotency_key=row.idempotency_key,
+        status=OutboxStatus(row.status),
+        attempts=row.attempts,
+        last_error=row.last_error,
+        provider_msgid=row.provider_msgid,
+        created_at=row.created_at,
+        sent_at=row.sent_at,
+        created=created,
+    )
+
+
+def _conversation_record(row: Conversation) -> ConversationRecord:
+    return ConversationRecord(
+        id=row.id,
+        channel=Channel(row.channel),
+        account_id=row.account_id,
+        customer_id=row.customer_id,
+        status=ConversationStatus(row.status),
+        kf_service_state=row.kf_service_state,
+        opened_at=row.opened_at,
+        updated_at=row.updated_at,
+        last_inbound_at=row.last_inbound_at,
+    )
+
+
+def _customer_record(row: Customer) -> CustomerRecord:
+    return CustomerRecord(
+        id=row.id,
+        channel=Channel(row.channel),
+        external_id=row.external_id,
+        name=row.name,
+        corp_tag_ids=tuple(row.corp_tag_ids or ()),
+        first_seen_at=row.first_seen_at,
+        last_seen_at=row.last_seen_at,
+    )
+
+
+class _Repository:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], clock: Clock | None = None) -> None:
+        self._sessions = sessions
+        self._clock = clock or SystemClock()
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.now(), UTC)
+
+
+async def _upsert_customer(
+    session: AsyncSession, channel: str, external_id: str, seen_at: datetime, *, customer_authored: bool
+) -> int:
+    stmt = _insert(session, Customer).values(
+        channel=channel,
+        external_id=external_id,
+        corp_tag_ids=[],
+        first_seen_at=seen_at,
+        last_seen_at=seen_at,
+    )
+    excluded = stmt.excluded
+    # A servicer's or system message creates the customer but does not count as the customer being seen.
+    last_seen: ColumnElement[Any] | InstrumentedAttribute[Any] = Customer.last_seen_at
+    if customer_authored:
+        last_seen = _later(excluded.last_seen_at, Customer.last_seen_at)
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[Customer.channel, Customer.external_id],
+        set_={
+            "first_seen_at": _earlier(excluded.first_seen_at, Customer.first_seen_at),
+            "last_seen_at": last_seen,
+        },
+    ).returning(Customer.id)
+    return int((await session.execute(upsert)).scalar_one())
+
+
+async def _open_conversation(
+    session: AsyncSession,
+    channel: str,
+    account_id: str,
+    customer_id: int,
+    now: datetime,
+    last_inbound_at: datetime | None,
+) -> int:
+    stmt = _insert(session, Conversation).values(
+        channel=channel,
+        account_id=account_id,
+        customer_id=customer_id,
+        status=ConversationStatus.BOT.value,
+        opened_at=now,
+        updated_at=now,
+        last_inbound_at=last_inbound_at,
+    )
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[Conversation.channel, Conversation.account_id, Conversation.customer_id],
+        index_where=_ACTIVE_CONVERSATION,
+        set_={
+            "updated_at": stmt.excluded.updated_at,
+            "last_inbound_at": _later(stmt.excluded.last_inbound_at, Conversation.last_inbound_at),
+        },
+    ).returning(Conversation.id)
+    return int((await session.execute(upsert)).scalar_one())
+
+
+async def _active_conversation_id(
+    session: AsyncSession, channel: str, account_id: str, customer_id: int
+) -> int | None:
+    stmt = select(Conversation.id).where(
+        Conversation.channel == channel,
+        Conversation.account_id == account_id,
+        Conversation.customer_id == customer_id,
+        Conversation.status != ConversationStatus.RESOLVED.value,
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def _insert_outbound(
+    session: AsyncSession,
+    *,
+    channel: str,
+    key: str,
+    account_id: str,
+    msgtype: str,
+    content: Mapping[str, Any],
+    customer_id: int | None,
+    conversation_id: int | None,
+    sent_at: datetime,
+) -> int:
+    stmt = (
+        _insert(session, Message)
+        .values(
+            channel=channel,
+            wecom_msgid=key,
+            direction=Direction.OUT.value,
+            customer_id=customer_id,
+            conversation_id=conversation_id,
+            account_id=account_id,
+            msgtype=msgtype,
+            text=_outbound_text(content),
+            payload=_plain(content),
+            origin=None,
+            status=MessageStatus.HANDLED.value,
+            created_at=sent_at,
+            received_at=sent_at,
+            handled_at=sent_at,
+        )
+        .on_conflict_do_nothing(index_elements=[Message.channel, Message.wecom_msgid])
+        .returning(Message.id)
+    )
+    new_id = (await session.execute(stmt)).scalar_one_or_none()
+    if new_id is not None:
+        if conversation_id is not None:
+            await session.execute(
+                update(Conversation).where(Conversation.id == conversation_id).values(updated_at=sent_at)
+            )
+        return int(new_id)
+    existing = select(Message.id).where(Message.channel == channel, Message.wecom_msgid == key)
+    return int((await session.execute(existing)).scalar_one())
+
+
+class MessageRepository(_Repository):
+    """Inbound and outbound message rows, with the customers and conversations they belong to."""
+
+    async def record_inbound(self, message: InboundMessage) -> InboundRecord:
+        """Insert-or-get on (channel, msgid); upsert the customer and get-or-open the conversation."""
+        now = self._now()
+        channel = message.channel.value
+        stamped = datetime.fromtimestamp(message.created_at, UTC) if message.created_at > 0 else now
+        customer_authored = message.origin in (None, KfOrigin.CUSTOMER)
+        async with self._sessions.begin() as session:
+            existing = await self._find_inbound(session, channel, message.msgid)
+            if existing is not None:
+                return existing
+            customer_id: int | None = None
+            conversation_id: int | None = None
+            # Some events (e.g. group-chat changes) have no single sender to attach them to.
+            if message.sender_id:
+                customer_id = await _upsert_customer(
+                    session, channel, message.sender_id, stamped, customer_authored=customer_authored
+                )
+                # Only what the customer wrote opens WeCom's reply window; events and servicer lines do not.
+                inbound_at = stamped if customer_authored and message.msgtype != "event" else None
+                conversation_id = await _open_conversation(
+                    session, channel, message.account_id, customer_id, now, inbound_at
+                )
+            stmt = (
+                _insert(session, Message)
+                .values(
+                    channel=channel,
+                    wecom_msgid=message.msgid,
+                    direction=Direction.IN.value,
+                    customer_id=customer_id,
+                    conversation_id=conversation_id,
+                    account_id=message.account_id,
+                    msgtype=message.msgtype,
+                    text=message.text,
+                    payload=self._inbound_payload(message),
+                    origin=message.origin,
+                    status=MessageStatus.RECEIVED.value,
+                    created_at=stamped,
+                    received_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=[Message.channel, Message.wecom_msgid])
+                .returning(Message.id)
+            )
+            new_id = (await session.execute(stmt)).scalar_one_or_none()
+            if new_id is None:
+                # Another worker inserted it between our check and our insert (PostgreSQL READ COMMITTED).
+                raced = await self._find_inbound(session, channel, message.msgid)
+                if raced is None:
+                    raise RuntimeError("inbound insert conflicted but no row is visible")
+                return raced
+            return InboundRecord(
+                id=int(new_id),
+                status=MessageStatus.RECEIVED,
+                created=True,
+                customer_id=customer_id,
+                conversation_id=conversation_id,
+            )
+
+    @staticmethod
+    async def _find_inbound(session: AsyncSession, channel: str, msgid: str) -> InboundRecord | None:
+        stmt = select(Message.id, Message.status, Message.customer_id, Message.conversation_id).where(
+            Message.channel == channel, Message.wecom_msgid == msgid
+        )
+        row = (await session.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        return InboundRecord(
+            id=row.id,
+            status=MessageStatus(row.status),
+            created=False,
+            customer_id=row.customer_id,
+            conversation_id=row.conversation_id,
+        )
+
+    @staticmethod
+    def _inbound_payload(message: InboundMessage) -> dict[str, Any]:
+        fields = {
+            "event": message.event,
+            "servicer_id": message.servicer_id,
+            "menu_id": message.menu_id,
+            "welcome_code": message.welcome_code,
+            "raw": _plain(message.raw) if message.raw else None,
+        }
+        return {key: value for key, value in fields.items() if value is not None}
+
+    async def mark_handled(self, message_id: int, handler_name: str | None) -> None:
+        """Mark a message handled by the named handler (None: handled without one, e.g. a known no-op)."""
+        await self._set_status(message_id, MessageStatus.HANDLED, handler_name)
+
+    async def mark_status(self, message_id: int, status: MessageStatus) -> None:
+        """Set a message's processing status; finished statuses also stamp handled_at."""
+        await self._set_status(message_id, status, None)
+
+    async def _set_status(self, message_id: int, status: MessageStatus, handler_name: str | None) -> None:
+        values: dict[str, Any] = {
+            "status": status.value,
+            "handled_at": self._now() if status in _TERMINAL_STATUSES else None,
+        }
+        if handler_name is not None:
+            values["handler"] = handler_name
+        async with self._sessions.begin() as session:
+            result = await session.execute(update(Message).where(Message.id == message_id).values(**values))
+            if _rowcount(result) == 0:
+                raise LookupError(f"no message with id {message_id}")
+
+    async def record_outbound_message(
+        self,
+        outbound: OutboundMessage,
+        key: str,
+        *,
+        sent_at: datetime | None = None,
+        conversation_id: int | None = None,
+    ) -> int:
+        """Store a message the bot sent outside the outbox (idempotent on key); returns the row id."""
+        channel = outbound.channel.value
+        async with self._sessions.begin() as session:
+            customer_id = await session.scalar(
+                select(Customer.id).where(Customer.channel == channel, Customer.external_id == outbound.to)
+            )
+            if conversation_id is None and customer_id is not None:
+                conversation_id = await _active_conversation_id(
+                    session, channel, outbound.account_id, customer_id
+                )
+            return await _insert_outbound(
+                session,
+                channel=channel,
+                key=key,
+                account_id=outbound.account_id,
+                msgtype=outbound.msgtype,
+                content=outbound.content,
+                customer_id=customer_id,
+                conversation_id=conversation_id,
+                sent_at=sent_at or self._now(),
+            )
+
+    async def get_message(self, message_id: int) -> MessageRecord | None:
+        """One message by row id."""
+        async with self._sessions() as session:
+            row = await session.get(Message, message_id)
+            return None if row is None else _message_record(row)
+
+    async def conversation_messages(self, conversation_id: int, *, limit: int = 50) -> list[MessageRecord]:
+        """The newest `limit` messages of a conversation, oldest first."""
+        stmt = (
+            select(Message)
+            .where(Message.conversation_id == conversation_id)
+            .order_by(Message.id.desc())
+            .limit(limit)
+        )
+        async with self._sessions() as session:
+            rows = (await session.scalars(stmt)).all()
+        return [_message_record(row) for row in reversed(rows)]
+
+    async def count_messages(
+        self,
+        *,
+        channel: Channel | None = None,
+        direction: Direction | None = None,
+        status: MessageStatus | None = None,
+        conversation_id: int | None = None,
+        wecom_msgid: str | None = None,
+    ) -> int:
+        """How many message rows match every given filter."""
+        stmt = select(func.count()).select_from(Message)
+        if channel is not None:
+            stmt = stmt.where(Message.channel == channel.value)
+        if direction is not None:
+            stmt = stmt.where(Message.direction == direction.value)
+        if status is not None:
+            stmt = stmt.where(Message.status == status.value)
+        if conversation_id is not None:
+            stmt = stmt.where(Message.conversation_id == conversation_id)
+        if wecom_msgid is not None:
+            stmt = stmt.where(Message.wecom_msgid == wecom_msgid)
+        async with self._sessions() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+
+class OutboxRepository(_Repository):
+    """Replies reserved before sending, so a retried message never sends a reply twice."""
+
+    async def reserve_reply(
+        self, inbound_message_id: int, seq: int, outbound: OutboundMessage, idempotency_key: str
+    ) -> OutboxRecord:
+        """Insert-or-get the reply (inbound_message_id, seq); an existing row wins over the given one."""
+        now = self._now()
+        async with self._sessions.begin() as session:
+            stmt = (
+                _insert(session, Outbox)
+                .values(
+                    inbound_message_id=inbound_message_id,
+                    seq=seq,
+                    channel=outbound.channel.value,
+                    recipient=outbound.to,
+                    account_id=outbound.account_id,
+                    msgtype=outbound.msgtype,
+                    payload=_plain(outbound.content),
+                    welcome_code=outbound.welcome_code,
+                    idempotency_key=idempotency_key,
+                    status=OutboxStatus.PENDING.value,
+                    attempts=0,
+                    created_at=now,
+                )
+                # No conflict target: a concurrent duplicate also collides on the idempotency_key index, and
+                # PostgreSQL only resolves conflicts on arbiter indexes quietly. A key reused for a different
+                # (inbound, seq) is then caught below, because the (inbound, seq) row does not exist.
+                .on_conflict_do_nothing()
+                .returning(Outbox.id)
+            )
+            new_id = (await session.execute(stmt)).scalar_one_or_none()
+            row = (
+                await session.scalars(
+                    select(Outbox).where(Outbox.inbound_message_id == inbound_message_id, Outbox.seq == seq)
+                )
+            ).one_or_none()
+            if row is None:
+                raise ValueError(f"idempotency key {idempotency_key!r} already used by another reply")
+            return _outbox_record(row, created=new_id is not None)
+
+    async def mark_sent(self, outbox_id: int, provider_msgid: str | None) -> None:
+        """Mark a reply sent and store it as an outgoing message in its conversation (both idempotent)."""
+        now = self._now()
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Outbox)
+                .where(Outbox.id == outbox_id)
+                .values(
+                    status=OutboxStatus.SENT.value,
+                    provider_msgid=func.coalesce(provider_msgid, Outbox.provider_msgid),
+                    sent_at=func.coalesce(Outbox.sent_at, literal(now, UTCDateTime())),
+                    attempts=Outbox.attempts + 1,
+                )
+            )
+            if _rowcount(result) == 0:
+                raise LookupError(f"no outbox row with id {outbox_id}")
+            row = (
+                await session.execute(
+                    select(Outbox, Message.customer_id, Message.conversation_id)
+                    .join(Message, Message.id == Outbox.inbound_message_id)
+                    .where(Outbox.id == outbox_id)
+                )
+            ).one()
+            reply: Outbox = row[0]
+            await _insert_outbound(
+                session,
+                channel=reply.channel,
+                key=reply.idempotency_key,
+                account_id=reply.account_id,
+                msgtype=reply.msgtype,
+                content=reply.payload,
+                customer_id=row.customer_id,
+                conversation_id=row.conversation_id,
+                sent_at=reply.sent_at or now,
+            )
+
+    async def mark_failed(self, outbox_id: int, error: str) -> None:
+        """Record a failed send attempt (the row stays retryable; attempts counts every try)."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Outbox)
+                .where(Outbox.id == outbox_id, Outbox.status != OutboxStatus.SENT.value)
+                .values(
+                    status=OutboxStatus.FAILED.value,
+                    attempts=Outbox.attempts + 1,
+                    last_error=error[:MAX_ERROR_CHARS],
+                )
+            )
+            if _rowcount(result) == 0:
+                exists = await session.scalar(select(Outbox.id).where(Outbox.id == outbox_id))
+                if exists is None:
+                    raise LookupError(f"no outbox row with id {outbox_id}")
+
+    async def replies_for(self, inbound_message_id: int) -> list[OutboxRecord]:
+        """Every reply reserved for an inbound message, in send order."""
+        stmt = select(Outbox).where(Outbox.inbound_message_id == inbound_message_id).order_by(Outbox.seq)
+        async with self._sessions() as session:
+            return [_outbox_record(row) for row in (await session.scalars(stmt)).all()]
+
+    async def count_outbox(self, *, status: OutboxStatus | None = None) -> int:
+        """How many outbox rows there are, optionally with one status."""
+        stmt = select(func.count()).select_from(Outbox)
+        if status is not None:
+            stmt = stmt.where(Outbox.status == status.value)
+        async with self._sessions() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+
+class ConversationRepository(_Repository):
+    """Conversations and customers, for handoff logic and a console."""
+
+    async def get_conversation(self, conversation_id: int) -> ConversationRecord | None:
+        """One conversation by id."""
+        async with self._sessions() as session:
+            row = await session.get(Conversation, conversation_id)
+            return None if row is None else _conversation_record(row)
+
+    async def active_conversation(
+        self, channel: Channel, account_id: str, customer_id: int
+    ) -> ConversationRecord | None:
+        """The customer's not-yet-resolved conversation with an account, if any."""
+        stmt = select(Conversation).where(
+            Conversation.channel == channel.value,
+            Conversation.account_id == account_id,
+            Conversation.customer_id == customer_id,
+            Conversation.status != ConversationStatus.RESOLVED.value,
+        )
+        async with self._sessions() as session:
+            row = (await session.scalars(stmt)).one_or_none()
+            return None if row is None else _conversation_record(row)
+
+    async def set_conversation_status(
+        self, conversation_id: int, status: ConversationStatus, *, kf_service_state: int | None = None
+    ) -> None:
+        """Move a conversation to a status (resolved frees the customer to open a new one)."""
+        values: dict[str, Any] = {"status": status.value, "updated_at": self._now()}
+        if kf_service_state is not None:
+            values["kf_service_state"] = kf_service_state
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Conversation).where(Conversation.id == conversation_id).values(**values)
+            )
+            if _rowcount(result) == 0:
+                raise LookupError(f"no conversation with id {conversation_id}")
+
+    async def get_customer(self, channel: Channel, external_id: str) -> CustomerRecord | None:
+        """A customer by channel and WeCom id (external_userid or member userid)."""
+        stmt = select(Customer).where(Customer.channel == channel.value, Customer.external_id == external_id)
+        async with self._sessions() as session:
+            row = (await session.scalars(stmt)).one_or_none()
+            return None if row is None else _customer_record(row)
+
+    async def update_customer(
+        self, customer_id: int, *, name: str | None = None, corp_tag_ids: Sequence[str] | None = None
+    ) -> None:
+        """Set a customer's name and/or corp tag ids (None leaves a field as it is)."""
+        values: dict[str, Any] = {}
+        if name is not None:
+            values["name"] = name
+        if corp_tag_ids is not None:
+            values["corp_tag_ids"] = list(corp_tag_ids)
+        if not values:
+            return
+        async with self._sessions.begin() as session:
+            result = await session.execute(
+                update(Customer).where(Customer.id == customer_id).values(**values)
+            )
+            if _rowcount(result) == 0:
+                raise LookupError(f"no customer with id {customer_id}")
+
+
+class KfCursorRepository(_Repository):
+    """The sync_msg cursor of each kf account, persisted after every page."""
+
+    async def get_cursor(self, open_kfid: str) -> str | None:
+        """The saved next_cursor for an account, or None to start from WeCom's earliest."""
+        async with self._sessions() as session:
+            return await session.scalar(select(KfCursor.cursor).where(KfCursor.open_kfid == open_kfid))
+
+    async def save_cursor(self, open_kfid: str, cursor: str) -> None:
+        """Insert or replace the account's cursor."""
+        async with self._sessions.begin() as session:
+            stmt = _insert(session, KfCursor).values(
+                open_kfid=open_kfid, cursor=cursor, updated_at=self._now()
+            )
+            upsert = stmt.on_conflict_do_update(
+                index_elements=[KfCursor.open_kfid],
+                set_={"cursor": stmt.excluded.cursor, "updated_at": stmt.excluded.updated_at},
+            )
+            await session.execute(upsert)
+
+
+@dataclass(frozen=True, slots=True)
+class Repositories:
+    """Every repository over one session factory, for wiring."""
+
+    messages: MessageRepository
+    outbox: OutboxRepository
+    conversations: ConversationRepository
+    cursors: KfCursorRepository
+
+    @classmethod
+    def create(cls, sessions: async_sessionmaker[AsyncSession], clock: Clock | None = None) -> Repositories:
+        """Build all repositories sharing a session factory and clock."""
+        return cls(
+            messages=MessageRepository(sessions, clock),
+            outbox=OutboxRepository(sessions, clock),
+            conversations=ConversationRepository(sessions, clock),
+            cursors=KfCursorRepository(sessions, clock),
+        )
