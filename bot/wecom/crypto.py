@@ -1,4 +1,4 @@
-"""WeCom callback crypto (WXBizMsgCrypt) around wechatpy, with strict input checks and constant-time signatures."""
+"""WeCom callback crypto (WXBizMsgCrypt) on wechatpy: strict input checks, constant-time signatures."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class CallbackCrypto:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "ciphertext is not a whole number of AES blocks")
         prp = PrpCrypto(self._key)
         try:
-            plain = prp.cipher.decrypt(raw)
+            plain: bytes = prp.cipher.decrypt(raw)
         except Exception:
             raise CallbackCryptoError(DECRYPT_FAILED, "AES decryption failed") from None
         pad = plain[-1]

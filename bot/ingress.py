@@ -1,0 +1,253 @@
+"""`GET|POST /wecom/callback`: verify, decrypt, parse safely, dedupe + enqueue, answer at once (reference §1).
+
+The handlers do no slow work: no database, no WeCom API calls; everything past the queue happens in workers.
+Responses to rejected callbacks are a short plain-text reason, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+import structlog
+from aiohttp import web
+
+from bot.metrics import Metrics
+from bot.settings import Settings
+from bot.wecom.crypto import (
+    RECEIVEID_MISMATCH,
+    SIGNATURE_MISMATCH,
+    CallbackCrypto,
+    CallbackCryptoError,
+)
+from bot.wecom.parse import (
+    CallbackParseError,
+    conversation_key,
+    dedupe_key,
+    parse_envelope,
+    parse_plaintext,
+)
+from handlers.domain import Clock
+
+CALLBACK_PATH = "/wecom/callback"
+_READ_CHUNK = 64 * 1024
+_MAX_QUERY_CHARS = 8192
+
+log = structlog.get_logger(__name__)
+
+
+class EnqueuePort(Protocol):
+    async def enqueue_once(
+        self, dedupe_key: str, conversation_key: str, kind: str, payload: Mapping[str, Any]
+    ) -> bool:
+        """Queue once per dedupe key; True if queued now, False if it was already seen."""
+        ...
+
+
+class _Reject(Exception):
+    """An early answer: HTTP status, metric outcome and a short reason for the body."""
+
+    def __init__(self, status: int, outcome: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.outcome = outcome
+        self.reason = reason
+
+
+def parse_query(query_string: str) -> dict[str, str]:
+    """Split a raw query string, percent-decoding with `unquote` so a literal '+' stays '+' (reference §1.1).
+
+    Callers pass `request.rel_url.raw_query_string`: aiohttp's `request.query_string` is already partly
+    decoded by yarl (a literal '+' becomes a space there, which breaks echostr signatures).
+
+    A parameter given twice is ambiguous and rejected.
+    """
+    if len(query_string) > _MAX_QUERY_CHARS:
+        raise _Reject(400, "rejected_params", "query string too long")
+    params: dict[str, str] = {}
+    for part in query_string.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        name = unquote(name)
+        if name in params:
+            raise _Reject(400, "rejected_params", f"duplicate query parameter {name}")
+        params[name] = unquote(value)
+    return params
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _text(status: int, reason: str) -> web.Response:
+    return web.Response(status=status, text=reason, content_type="text/plain")
+
+
+def _crypto_reject(exc: CallbackCryptoError) -> _Reject:
+    if exc.code == SIGNATURE_MISMATCH:
+        return _Reject(401, "rejected_signature", "signature mismatch")
+    if exc.code == RECEIVEID_MISMATCH:
+        return _Reject(403, "rejected_receiveid", "receiveid mismatch")
+    return _Reject(400, "rejected_decrypt", "cannot decrypt payload")
+
+
+class CallbackIngress:
+    """The two callback handlers, bound to their collaborators."""
+
+    def __init__(
+        self,
+        crypto: CallbackCrypto,
+        enqueue: EnqueuePort,
+        metrics: Metrics,
+        settings: Settings,
+        clock: Clock,
+    ) -> None:
+        self._crypto = crypto
+        self._queue = enqueue
+        self._metrics = metrics
+        self._max_body = settings.callback_max_body_bytes
+        self._max_skew = settings.callback_max_clock_skew_s
+        self._clock = clock
+
+    def routes(self, path: str = CALLBACK_PATH) -> list[web.RouteDef]:
+        return [web.get(path, self.handle_get, allow_head=False), web.post(path, self.handle_post)]
+
+    async def _timed(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> web.Response:
+        started = time.perf_counter()
+        try:
+            try:
+                return await handler(request)
+            except _Reject as rej:
+                self._metrics.callbacks.labels(rej.outcome).inc()
+                log.info("callback_rejected", outcome=rej.outcome, status=rej.status, method=request.method)
+                response = _text(rej.status, rej.reason)
+                if rej.status == 413:
+                    response.force_close()
+                return response
+        finally:
+            self._metrics.ack_latency.observe(time.perf_counter() - started)
+
+    async def handle_get(self, request: web.Request) -> web.Response:
+        return await self._timed(request, self._verify_url)
+
+    async def handle_post(self, request: web.Request) -> web.Response:
+        return await self._timed(request, self._receive)
+
+    async def _verify_url(self, request: web.Request) -> web.Response:
+        params = parse_query(request.rel_url.raw_query_string)
+        signature, timestamp, nonce, echostr = (
+            params.get(name, "") for name in ("msg_signature", "timestamp", "nonce", "echostr")
+        )
+        if not (signature and timestamp and nonce and echostr):
+            raise _Reject(400, "rejected_params", "missing msg_signature, timestamp, nonce or echostr")
+        try:
+            plaintext = self._crypto.verify_and_decrypt(signature, timestamp, nonce, echostr)
+        except CallbackCryptoError as exc:
+            raise _crypto_reject(exc) from None
+        self._metrics.callbacks.labels("verified").inc()
+        log.info("callback_url_verified", outcome="verified")
+        return web.Response(status=200, body=plaintext.encode("utf-8"), content_type="text/plain")
+
+    def _post_params(self, request: web.Request) -> tuple[str, str, str]:
+        params = parse_query(request.rel_url.raw_query_string)
+        signature, timestamp, nonce = (
+            params.get(name, "") for name in ("msg_signature", "timestamp", "nonce")
+        )
+        if not (signature and timestamp and nonce):
+            raise _Reject(400, "rejected_params", "missing msg_signature, timestamp or nonce")
+        if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
+            raise _Reject(400, "rejected_params", "timestamp is not an integer")
+        if abs(self._clock.now() - int(timestamp)) > self._max_skew:
+            raise _Reject(400, "rejected_stale", "timestamp outside the allowed clock skew")
+        return signature, timestamp, nonce
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """Read at most max_body + 1 bytes; stop as soon as the limit is crossed."""
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = await request.content.read(min(_READ_CHUNK, self._max_body + 1 - total))
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > self._max_body:
+                raise _Reject(413, "rejected_too_large", "body too large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        declared = request.content_length
+        if declared is not None and declared > self._max_body:
+            raise _Reject(413, "rejected_too_large", "body too large")
+        signature, timestamp, nonce = self._post_params(request)
+        body = await self._read_body(request)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject(400, "rejected_encoding", "body is not UTF-8") from None
+        try:
+            encrypted = parse_envelope(body)
+        except CallbackParseError as exc:
+            raise _Reject(400, "rejected_xml", exc.reason) from None
+        try:
+            plaintext = self._crypto.verify_and_decrypt(signature, timestamp, nonce, encrypted)
+        except CallbackCryptoError as exc:
+            raise _crypto_reject(exc) from None
+        try:
+            event = parse_plaintext(plaintext)
+        except CallbackParseError as exc:
+            raise _Reject(400, "rejected_xml", exc.reason) from None
+
+        key = dedupe_key(event)
+        received_at = self._clock.now()
+        kind: str
+        payload: dict[str, Any]
+        if event.is_kf_notification:
+            kind = "kf_pull"
+            payload = {
+                "open_kfid": event.get_text("OpenKfId") or "",
+                "token": event.get_text("Token") or "",
+                "received_at": received_at,
+            }
+        else:
+            kind = "callback"
+            payload = {"xml": plaintext, "received_at": received_at}
+        try:
+            queued = await self._queue.enqueue_once(key, conversation_key(event), kind, payload)
+        except Exception as exc:
+            self._metrics.callbacks.labels("enqueue_failed").inc()
+            log.error(
+                "callback_enqueue_failed",
+                outcome="enqueue_failed",
+                dedupe=_key_hash(key),
+                error=type(exc).__name__,
+            )
+            return _text(503, "queue unavailable, retry later")
+        outcome = "accepted" if queued else "duplicate"
+        self._metrics.callbacks.labels(outcome).inc()
+        log.info(
+            "callback_received",
+            outcome=outcome,
+            dedupe=_key_hash(key),
+            kind=kind,
+            callback_kind=event.kind,
+            msgtype=event.msgtype,
+        )
+        return web.Response(status=200)
+
+
+def callback_routes(
+    crypto: CallbackCrypto,
+    enqueue: EnqueuePort,
+    metrics: Metrics,
+    settings: Settings,
+    clock: Clock,
+) -> list[web.RouteDef]:
+    """Routes for `GET|POST /wecom/callback`; add them with `app.add_routes(...)`."""
+    return CallbackIngress(crypto, enqueue, metrics, settings, clock).routes()
