@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     bot_port: int = Field(default=8080, ge=1, le=65535)
     bot_public_url: str = ""
 
+    auto_migrate: bool = False
+
     log_level: str = "INFO"
     log_json: bool = False
 

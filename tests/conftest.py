@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,26 +33,29 @@ class Backend:
     key_prefix: str
 
 
-@pytest.fixture(scope="session")
-def _postgres_database() -> Iterator[str]:
-    """One throw-away PostgreSQL database per test session, so parallel runs never collide."""
+def _postgres_admin(sql: str) -> None:
     import asyncio
 
     import asyncpg
 
-    name = f"wecom_test_{os.getpid()}_{secrets.token_hex(3)}"
-
-    async def admin(sql: str) -> None:
+    async def run() -> None:
         conn = await asyncpg.connect(REAL_POSTGRES_ADMIN_URL)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(run())
+
+
+@pytest.fixture
+def _postgres_database() -> Iterator[str]:
+    """A throw-away PostgreSQL database per test, so tests and parallel runs never see each other's rows."""
+    name = f"wecom_test_{os.getpid()}_{secrets.token_hex(4)}"
+    _postgres_admin(f'CREATE DATABASE "{name}"')
     base = REAL_POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
     yield f"{base}/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["embedded", "real"])
@@ -102,8 +105,3 @@ def make_settings(backend: Backend | None = None, **overrides: object) -> Settin
 @pytest.fixture
 def settings(backend: Backend) -> Settings:
     return make_settings(backend)
-
-
-@pytest.fixture
-async def anyio_backend() -> AsyncIterator[str]:
-    yield "asyncio"

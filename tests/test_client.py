@@ -16,7 +16,7 @@ import redis.asyncio as redis_asyncio
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import TEST_CORP_ID, TEST_KF_SECRET, TEST_SECRET, Backend
+from tests.conftest import TEST_CORP_ID, TEST_KF_SECRET, TEST_SECRET, Backend
 from prometheus_client import CollectorRegistry
 
 from bot.metrics import Metrics

@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 import redis.asyncio as redis_asyncio
 from aiohttp.test_utils import TestServer
-from conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_KF_SECRET, TEST_TOKEN, Backend
+from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_KF_SECRET, TEST_TOKEN, Backend
 
 from bot.redis_keys import RedisKeys
 from bot.wecom.client import RobotClient, WeComClient

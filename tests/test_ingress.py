@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_TOKEN, Backend, make_settings
+from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_TOKEN, Backend, make_settings
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from structlog.testing import capture_logs
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
+from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine

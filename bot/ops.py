@@ -1,0 +1,46 @@
+"""Operations endpoints: /healthz (alive), /readyz (database and Redis reachable), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bot.storage.db import ping
+
+if TYPE_CHECKING:
+    from bot.app import Services
+
+READINESS_TIMEOUT_S = 2.0
+
+
+def ops_routes(services: Services) -> list[web.RouteDef]:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        checks: dict[str, str] = {}
+        for name, probe in (("database", ping(services.engine)), ("redis", services.redis.ping())):
+            try:
+                await asyncio.wait_for(probe, READINESS_TIMEOUT_S)
+                checks[name] = "ok"
+            except Exception as exc:  # any failure means "not ready"; the reason is for the operator
+                checks[name] = f"unavailable: {type(exc).__name__}"
+        ready = all(value == "ok" for value in checks.values())
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(services.queue.refresh_metrics(services.clock.now()), READINESS_TIMEOUT_S)
+        except Exception:  # scrape what we have; Redis trouble shows in /readyz
+            pass
+        body = generate_latest(services.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+    ]
