@@ -143,6 +143,13 @@ def endpoint(fn: ApiHandler) -> Callable[[web.Request], Awaitable[web.StreamResp
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[SIM_STATE]
+        state.in_flight += 1
+        try:
+            return await _handle(request, state)
+        finally:
+            state.in_flight -= 1
+
+    async def _handle(request: web.Request, state: SimulatorState) -> web.StreamResponse:
         path = api_path(request)
         fault = state.take_fault(path)
         if fault is not None:
@@ -162,6 +169,8 @@ def endpoint(fn: ApiHandler) -> Callable[[web.Request], Awaitable[web.StreamResp
             errcode = exc.errcode
             payload = {"errcode": errcode, "errmsg": _errmsg(state, errcode, exc.errmsg)}
         state.record_call(request.method, path, 200, errcode)
+        if fault is not None and fault.hold_response_s:
+            await asyncio.sleep(fault.hold_response_s)
         return web.json_response(payload, dumps=dumps)
 
     return handle

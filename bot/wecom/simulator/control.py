@@ -545,8 +545,9 @@ async def c_faults_add(request: web.Request, state: SimulatorState) -> JsonDict:
     errcode = body.get("errcode")
     http_status = body.get("http_status")
     delay = body.get("delay_s")
-    if errcode is None and http_status is None and delay is None:
-        raise ControlError("give errcode, http_status or delay_s")
+    hold = body.get("hold_response_s")
+    if errcode is None and http_status is None and delay is None and hold is None:
+        raise ControlError("give errcode, http_status, delay_s or hold_response_s")
     if errcode is not None and http_status is not None:
         raise ControlError("errcode and http_status exclude each other")
     fault = Fault(
@@ -556,6 +557,7 @@ async def c_faults_add(request: web.Request, state: SimulatorState) -> JsonDict:
         errcode=None if errcode is None else int(_number(body, "errcode")),
         http_status=None if http_status is None else int(_number(body, "http_status")),
         delay_s=None if delay is None else _number(body, "delay_s"),
+        hold_response_s=None if hold is None else _number(body, "hold_response_s"),
     )
     state.faults.append(fault)
     return fault.to_json()

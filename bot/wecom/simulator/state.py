@@ -88,6 +88,8 @@ class Fault:
     errcode: int | None = None
     http_status: int | None = None
     delay_s: float | None = None
+    # WeCom did the work but the answer is late (or never arrives, if the caller dies meanwhile).
+    hold_response_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +99,7 @@ class Fault:
             "errcode": self.errcode,
             "http_status": self.http_status,
             "delay_s": self.delay_s,
+            "hold_response_s": self.hold_response_s,
         }
 
 
@@ -290,6 +293,8 @@ class SimulatorState:
         self._sent_changed = asyncio.Event()
         self.calls: list[ApiCall] = []
         self.faults: list[Fault] = []
+        # API requests currently being answered (held by a delay fault, say); tests wait for zero.
+        self.in_flight = 0
         self.deliveries: list[CallbackDelivery] = []
 
         self.kf_sessions: dict[tuple[str, str], KfSession] = {}
