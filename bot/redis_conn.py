@@ -6,10 +6,16 @@ import redis.asyncio as redis_asyncio
 
 from bot.settings import Settings
 
+# A burst of callbacks waits briefly for a pooled connection instead of failing (which would make WeCom retry).
+POOL_WAIT_S = 2.0
+
 
 def create_redis(settings: Settings) -> redis_asyncio.Redis:
     if settings.redis_url:
-        return redis_asyncio.Redis.from_url(settings.redis_url, decode_responses=False)
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S
+        )
+        return redis_asyncio.Redis(connection_pool=pool, decode_responses=False)
     import fakeredis
 
     return fakeredis.FakeAsyncRedis(decode_responses=False)

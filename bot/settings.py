@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = ""
     redis_key_prefix: str = "wecom"
+    redis_max_connections: int = Field(default=64, ge=2, le=10_000)
 
     bot_host: str = "0.0.0.0"  # noqa: S104 - a server is meant to listen on all interfaces in a container
     bot_port: int = Field(default=8080, ge=1, le=65535)
