@@ -47,8 +47,13 @@ class WeComSender:
         self._kf = kf_api
         self._agent_id = agent_id
 
-    async def send(self, reply: OutboundMessage, idempotency_key: str) -> str | None:
-        """Send one reply; return WeCom's msgid when it gives one. WeCom errors propagate as typed errors."""
+    async def send(self, reply: OutboundMessage, idempotency_key: str, *, resend: bool = False) -> str | None:
+        """Send one reply; return WeCom's msgid when it gives one. WeCom errors propagate as typed errors.
+
+        `resend` marks a reply an earlier attempt may already have delivered. kf sends always carry the msgid,
+        which WeCom refuses to accept twice; app messages switch on WeCom's content-based duplicate check only
+        then, because on a first send it would also swallow a genuine second, identical reply.
+        """
         content = dict(reply.content)
         if reply.channel is Channel.KF:
             if reply.welcome_code:
@@ -68,9 +73,10 @@ class WeComSender:
             "agentid": self._agent_id if self._agent_id is not None else int(reply.account_id or 0),
             "msgtype": reply.msgtype,
             reply.msgtype: content,
-            "enable_duplicate_check": 1,
-            "duplicate_check_interval": DUPLICATE_CHECK_INTERVAL_S,
         }
+        if resend:
+            payload["enable_duplicate_check"] = 1
+            payload["duplicate_check_interval"] = DUPLICATE_CHECK_INTERVAL_S
         response = await self._app.message_send(payload)
         msgid = response.get("msgid")
         return str(msgid) if msgid else None

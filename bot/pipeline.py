@@ -24,7 +24,7 @@ DUPLICATE_MSGID_ERRCODE = 40058
 
 
 class ReplySender(Protocol):
-    async def send(self, reply: OutboundMessage, idempotency_key: str) -> str | None: ...
+    async def send(self, reply: OutboundMessage, idempotency_key: str, *, resend: bool = False) -> str | None: ...
 
 
 class KfPullPort(Protocol):
@@ -91,11 +91,17 @@ class Pipeline:
         reserved = await self._repos.outbox.reserve_reply(inbound_id, seq, reply, key)
         if reserved.sent:
             return
+        # An earlier process() run reserved this row, so an earlier attempt may have reached WeCom.
+        resend = not reserved.created or reserved.attempts > 0
         try:
-            provider_msgid = await self._sender.send(reserved.to_outbound(), reserved.idempotency_key)
+            provider_msgid = await self._sender.send(
+                reserved.to_outbound(), reserved.idempotency_key, resend=resend
+            )
         except WeComApiError as exc:
-            if exc.errcode == DUPLICATE_MSGID_ERRCODE:
-                # A previous attempt reached WeCom and then crashed before we recorded it: it was sent.
+            if exc.errcode == DUPLICATE_MSGID_ERRCODE and (resend or exc.after_uncertain_attempt):
+                # WeCom refuses a msgid it already accepted: an attempt we never heard back from got through.
+                # On a reply's first, certain try the same errcode is a plain invalid-parameter answer instead.
+                log.info("reply already accepted by WeCom", outbox_id=reserved.id)
                 await self._repos.outbox.mark_sent(reserved.id, None)
                 return
             await self._repos.outbox.mark_failed(reserved.id, f"errcode={exc.errcode} {exc.errmsg}")

@@ -248,9 +248,16 @@ class WeComClient(_HttpApi):
         *,
         query: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
+        retry_uncertain: bool = True,
     ) -> JsonDict:
-        """Call any JSON API under `api_base` (path like "/cgi-bin/kf/send_msg"); the errcode-0 response."""
+        """Call any JSON API under `api_base` (path like "/cgi-bin/kf/send_msg"); the errcode-0 response.
+
+        A transport failure leaves it unknown whether WeCom acted. `retry_uncertain=False` raises at once in that
+        case, for sends that carry no key WeCom could deduplicate on; an error raised after such an uncertain try
+        has `after_uncertain_attempt` set, so callers can read a "duplicate" errcode as "already done".
+        """
         refreshed = False
+        uncertain = False
         retries = busy = 0
         while True:
             token: AccessToken = await self._tokens.get()  # gettoken has its own retries; not repeated here
@@ -265,8 +272,12 @@ class WeComClient(_HttpApi):
                     await self._tokens.invalidate(token)
                     log.info("wecom.token.rejected", path=path, errcode=err.errcode)
                     continue
+                err.after_uncertain_attempt = uncertain
                 failure: WeComError = err
             except WeComTransportError as err:
+                if err.retryable and not retry_uncertain:
+                    raise
+                uncertain = True
                 failure = err
             retries, busy = await self._backoff_or_raise(failure, path, retries, busy)
 
@@ -291,7 +302,9 @@ class WeComClient(_HttpApi):
             body["enable_duplicate_check"] = 1 if enable_duplicate_check else 0
         if duplicate_check_interval is not None:
             body["duplicate_check_interval"] = duplicate_check_interval
-        return await self._post("/cgi-bin/message/send", body)
+        # Without WeCom's duplicate check a retry after a timeout could deliver the message twice.
+        deduplicated = body.get("enable_duplicate_check") in (1, True)
+        return await self.call("POST", "/cgi-bin/message/send", body=body, retry_uncertain=deduplicated)
 
     # ---- 微信客服 (reference §4) -------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ class WeComApiError(WeComError):
         self.errcode = errcode
         self.errmsg = errmsg
         self.path = path
+        # True when an earlier try of the same call failed in transit, so WeCom may already have acted on it.
+        self.after_uncertain_attempt = False
         super().__init__(f"{path}: errcode={errcode} errmsg={errmsg}")
 
     @property
