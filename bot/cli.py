@@ -12,6 +12,56 @@ from datetime import UTC, datetime
 from bot.logs import configure_logging
 from bot.settings import Settings, SettingsError, load_settings
 
+DESCRIPTION = """\
+WeCom (企业微信) customer-service assistant.
+
+Quick start: `wecom-bot serve` with no settings at all runs a sandbox: the bot talks to a built-in
+WeCom simulator, stores data in ./data/wecom-bot.sqlite3 and queues work in in-process fakeredis.
+Open http://127.0.0.1:8080/sandbox in a browser, or run `wecom-bot chat` in a second terminal."""
+
+EPILOG = """\
+settings (environment variables or a .env file in the current directory):
+  WECOM_CORP_ID, WECOM_SECRET   WeCom credentials; unset = sandbox mode with the built-in simulator
+  WECOM_TOKEN, WECOM_AES_KEY    callback Token and EncodingAESKey (43 characters), required with credentials
+  WECOM_AGENT_ID, WECOM_KF_SECRET  self-built app id; secret of 微信客服 if it differs from WECOM_SECRET
+  DATABASE_URL                  postgresql://... or sqlite:///... (default sqlite:///./data/wecom-bot.sqlite3)
+  REDIS_URL                     redis://...; unset = in-process fakeredis (one process only, not for production)
+  BOT_HOST, BOT_PORT            where the server listens (default 0.0.0.0:8080)
+  BOT_PUBLIC_URL                the public https:// base WeCom calls (the callback is BOT_PUBLIC_URL/wecom/callback)
+  AUTO_MIGRATE                  true = `serve` applies PostgreSQL migrations itself (SQLite always does)
+  LOG_LEVEL, LOG_JSON           DEBUG/INFO/WARNING/ERROR; true = one JSON object per log line
+
+exit codes: 0 ok, 1 failed (for example the database or Redis is unreachable), 2 bad settings or usage,
+130 interrupted. Run `wecom-bot COMMAND --help` for each command."""
+
+SERVE_DESCRIPTION = """\
+Run the webhook server with its in-process queue workers until SIGTERM or Ctrl-C.
+
+Without WECOM_CORP_ID/WECOM_SECRET it starts in SANDBOX mode: a WeCom simulator is mounted at
+/sandbox/wecom, a chat page at /sandbox, and this run's throw-away credentials at /sandbox/credentials.
+With credentials it serves WeCom's callback at /wecom/callback (register BOT_PUBLIC_URL/wecom/callback
+in the WeCom admin console). Always: /healthz (alive), /readyz (database and Redis reachable), /metrics
+(Prometheus). SQLite is migrated on start; PostgreSQL must be migrated first with `wecom-bot migrate`."""
+
+WORKER_DESCRIPTION = """\
+Run extra queue consumers beside `wecom-bot serve`, to scale out. Needs a shared Redis (REDIS_URL),
+the same DATABASE_URL and real WeCom credentials; the sandbox runs its workers inside `serve`."""
+
+MIGRATE_DESCRIPTION = """\
+Bring the database at DATABASE_URL to the newest schema (alembic upgrade head). Safe to run again:
+it does nothing when the schema is already current. Run it before `serve` on PostgreSQL."""
+
+DEAD_LETTERS_DESCRIPTION = """\
+Queue entries that kept failing (after DEAD_LETTER_AFTER tries) are parked as dead letters.
+List them, fix the cause, then replay them into the queue. Reads the Redis at REDIS_URL
+(the in-process fakeredis of a sandbox server cannot be inspected from another process)."""
+
+CHAT_DESCRIPTION = """\
+Be a WeChat customer in this terminal, writing to a running sandbox bot (`wecom-bot serve`
+without WeCom credentials). Each line you type is sent to the 微信客服 account; the bot's replies
+are printed as `bot> ...`. Ctrl-D ends the chat. Lines can be piped in too:
+  echo 你好 | wecom-bot chat"""
+
 
 def _settings() -> Settings:
     settings = load_settings()
@@ -37,7 +87,7 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     from bot.storage.db import engine_for_url, head_revision, schema_status, upgrade
 
     settings = _settings()
-    target = settings.database_url.split("://", 1)[0]
+    target = _safe_url(settings.database_url)
 
     async def status() -> str:
         engine = engine_for_url(settings.database_url, null_pool=True)
@@ -46,12 +96,13 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
+    print(f"[1/3] connecting to {target} ...", flush=True)
     before = asyncio.run(status())
-    print(f"[1/2] {target}: schema is {before}; head revision {head_revision()}")
+    print(f"[2/3] schema is {before}; the code's head revision is {head_revision()}", flush=True)
     if before == "current":
-        print("[2/2] nothing to do")
+        print("[3/3] nothing to do: the schema is current")
         return 0
-    print("[2/2] applying migrations ...", flush=True)
+    print("[3/3] applying migrations ...", flush=True)
     upgrade(settings.database_url)
     print(f"done: schema is {asyncio.run(status())}")
     return 0
@@ -62,13 +113,16 @@ def _format_time(ts: float) -> str:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from bot.app import open_services
+    from bot.app import open_services, sandbox_settings
 
     settings = _settings()
+    if settings.sandbox:
+        # Listing and requeueing touch only Redis; stand-in credentials let the services open without WECOM_*.
+        settings = sandbox_settings(settings)
     if settings.embedded_redis:
         print(
-            "REDIS_URL is unset: the in-process queue belongs to the running server, so there is nothing to "
-            "inspect from here. Set REDIS_URL to the server's Redis.",
+            "REDIS_URL: unset, so the queue is the in-process fakeredis of the running server and cannot be "
+            "inspected from here; set REDIS_URL to the server's Redis.",
             file=sys.stderr,
         )
         return 2
@@ -95,7 +149,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             ids = [letter.dead_letter_id for letter in await queue.list_dead_letters(10_000)] if args.all else args.ids
             if not ids:
                 print("nothing to replay (give IDs or --all)", file=sys.stderr)
-                return 2
+                return 2 if not args.all else 0
             failed = 0
             for number, dead_letter_id in enumerate(ids, 1):
                 ok = await queue.replay_dead_letter(dead_letter_id)
@@ -108,39 +162,139 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from bot.chat import run_chat
+    from bot.serve import local_base_url
 
     settings = _settings()
-    base = args.url or settings.bot_public_url or f"http://127.0.0.1:{settings.bot_port}"
-    return asyncio.run(run_chat(base, args.customer))
+    base = args.url or local_base_url(settings)
+    return asyncio.run(run_chat(base, args.customer, linger_s=args.wait))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 600:
+        raise argparse.ArgumentTypeError("must be between 0 and 600 seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wecom-bot", description="WeCom customer-service assistant")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("serve", help="run the webhook server (sandbox mode without WeCom credentials)").set_defaults(
-        func=cmd_serve
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="wecom-bot", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter
     )
-    worker = sub.add_parser("worker", help="run extra worker processes' worth of consumers (needs REDIS_URL)")
-    worker.add_argument("--count", type=int, default=1, help="consumers in this process (default 1)")
-    worker.set_defaults(func=cmd_worker)
-    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    dead = sub.add_parser("dead-letters", help="list or replay entries that kept failing")
-    dead_sub = dead.add_subparsers(dest="action", required=True)
-    dead_list = dead_sub.add_parser("list")
-    dead_list.add_argument("--limit", type=int, default=100)
-    dead_list.add_argument("--json", action="store_true")
-    dead_replay = dead_sub.add_parser("replay")
-    dead_replay.add_argument("ids", nargs="*")
-    dead_replay.add_argument("--all", action="store_true")
+    serve = sub.add_parser(
+        "serve",
+        help="run the webhook server (sandbox with a built-in WeCom simulator when credentials are unset)",
+        description=SERVE_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run extra queue consumers beside serve (needs REDIS_URL and WeCom credentials)",
+        description=WORKER_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    worker.add_argument("--count", type=_positive_int, default=1, help="consumers in this process (default 1)")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="apply database migrations to DATABASE_URL (needed before serve on PostgreSQL)",
+        description=MIGRATE_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    migrate.set_defaults(func=cmd_migrate)
+
+    dead = sub.add_parser(
+        "dead-letters",
+        help="list or replay queue entries that kept failing (needs REDIS_URL)",
+        description=DEAD_LETTERS_DESCRIPTION,
+        formatter_class=formatter,
+    )
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    dead_list = dead_sub.add_parser(
+        "list", help="show dead letters, oldest first", description="Show dead letters, oldest first."
+    )
+    dead_list.add_argument("--limit", type=_positive_int, default=100, help="show at most this many (default 100)")
+    dead_list.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
+    dead_replay = dead_sub.add_parser(
+        "replay",
+        help="put dead letters back on the queue",
+        description="Put dead letters back on the queue; exit code 1 if an ID was not found.",
+    )
+    dead_replay.add_argument("ids", nargs="*", metavar="ID", help="dead-letter IDs as shown by `list`")
+    dead_replay.add_argument("--all", action="store_true", help="replay every dead letter")
     dead.set_defaults(func=cmd_dead_letters)
 
-    chat = sub.add_parser("chat", help="chat with a running sandbox bot as a WeChat customer, in this terminal")
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a running sandbox bot as a WeChat customer, in this terminal",
+        description=CHAT_DESCRIPTION,
+        formatter_class=formatter,
+    )
     chat.add_argument("--url", help="the bot's base URL (default http://127.0.0.1:BOT_PORT)")
-    chat.add_argument("--customer", default="wmTerminalCustomer", help="external_userid to write as")
+    chat.add_argument(
+        "--customer", default="wmTerminalCustomer", help="external_userid to write as (default wmTerminalCustomer)"
+    )
+    chat.add_argument(
+        "--wait",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="after the input ends, wait at most this long for the last replies (default 10)",
+    )
     chat.set_defaults(func=cmd_chat)
     return parser
+
+
+def _safe_url(url: str) -> str:
+    """A database or Redis URL with its password hidden."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("://", 1)[0] + "://..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _describe_failure(exc: Exception) -> str | None:
+    """One line for the failures an operator can fix (unreachable services, missing migrations), else None."""
+    import redis.exceptions
+    from sqlalchemy.exc import DBAPIError
+
+    from bot.app import SchemaNotReadyError
+
+    if isinstance(exc, SchemaNotReadyError):
+        return f"DATABASE_URL: {exc}"
+    if isinstance(exc, redis.exceptions.RedisError):
+        return f"REDIS_URL: cannot use Redis ({_first_line(exc)})"
+    if isinstance(exc, DBAPIError):
+        return f"DATABASE_URL: cannot use the database ({_first_line(exc.orig or exc)})"
+    if isinstance(exc, OSError | TimeoutError):
+        return f"DATABASE_URL: cannot connect to the database ({_first_line(exc)})"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,10 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         from bot.app import SchemaNotReadyError
 
-        if isinstance(exc, SchemaNotReadyError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        message = _describe_failure(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, SchemaNotReadyError) else 1
 
 
 if __name__ == "__main__":

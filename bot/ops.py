@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,27 +17,32 @@ if TYPE_CHECKING:
 
 READINESS_TIMEOUT_S = 2.0
 
+log = structlog.get_logger(__name__)
+
+
+async def _probe(check: Awaitable[Any]) -> str:
+    try:
+        await asyncio.wait_for(check, READINESS_TIMEOUT_S)
+    except Exception as exc:  # any failure means "not ready"; the reason is for the operator
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
+
 
 def ops_routes(services: Services) -> list[web.RouteDef]:
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
-        checks: dict[str, str] = {}
-        for name, probe in (("database", ping(services.engine)), ("redis", services.redis.ping())):
-            try:
-                await asyncio.wait_for(probe, READINESS_TIMEOUT_S)
-                checks[name] = "ok"
-            except Exception as exc:  # any failure means "not ready"; the reason is for the operator
-                checks[name] = f"unavailable: {type(exc).__name__}"
+        database, redis = await asyncio.gather(_probe(ping(services.engine)), _probe(services.redis.ping()))
+        checks = {"database": database, "redis": redis}
         ready = all(value == "ok" for value in checks.values())
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
     async def metrics(_request: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(services.queue.refresh_metrics(services.clock.now()), READINESS_TIMEOUT_S)
-        except Exception:  # scrape what we have; Redis trouble shows in /readyz
-            pass
+        except Exception as exc:  # scrape what we have; Redis trouble shows in /readyz
+            log.debug("queue metrics not refreshed", error=type(exc).__name__)
         body = generate_latest(services.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
