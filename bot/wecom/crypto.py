@@ -49,6 +49,7 @@ class CallbackCrypto:
             raise CallbackCryptoError(ILLEGAL_AES_KEY, "EncodingAESKey must decode to 32 bytes")
         self._token = token
         self._key = key
+        self._prp = PrpCrypto(key)  # its cryptography Cipher is reusable: each decrypt makes a fresh context
         self.receive_id = receive_id
 
     def sign(self, timestamp: str, nonce: str, encrypted: str) -> str:
@@ -69,9 +70,8 @@ class CallbackCrypto:
             raise CallbackCryptoError(BASE64_DECODE_FAILED, "ciphertext is not valid base64") from None
         if not raw or len(raw) % 16:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "ciphertext is not a whole number of AES blocks")
-        prp = PrpCrypto(self._key)
         try:
-            plain: bytes = prp.cipher.decrypt(raw)
+            plain: bytes = self._prp.cipher.decrypt(raw)
         except Exception:
             raise CallbackCryptoError(DECRYPT_FAILED, "AES decryption failed") from None
         pad = plain[-1]
