@@ -21,9 +21,9 @@ def redact(_logger: Any, method_name: str, event_dict: MutableMapping[str, Any])
     """Drop secrets always and message content above DEBUG."""
     for key in list(event_dict):
         lowered = key.lower()
-        if lowered in SECRET_KEYS or lowered.endswith("_secret") or lowered.endswith("_token"):
-            event_dict[key] = "[redacted]"
-        elif lowered in CONTENT_KEYS and method_name != "debug":
+        secret = lowered in SECRET_KEYS or lowered.endswith(("_secret", "_token"))
+        content = lowered in CONTENT_KEYS and method_name != "debug"
+        if secret or content:
             event_dict[key] = "[redacted]"
     return event_dict
 

@@ -12,8 +12,12 @@ POOL_WAIT_S = 2.0
 
 def create_redis(settings: Settings) -> redis_asyncio.Redis:
     if settings.redis_url:
+        # Every owned partition parks one blocking XREADGROUP on a pooled connection; keep room for the rest.
+        blocking_reads = settings.queue_partitions * max(settings.worker_concurrency, 1)
         pool = redis_asyncio.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=POOL_WAIT_S
+            settings.redis_url,
+            max_connections=max(settings.redis_max_connections, blocking_reads + 16),
+            timeout=POOL_WAIT_S,
         )
         return redis_asyncio.Redis(connection_pool=pool, decode_responses=False)
     import fakeredis

@@ -16,7 +16,6 @@ import redis.asyncio as redis_asyncio
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from tests.conftest import TEST_CORP_ID, TEST_KF_SECRET, TEST_SECRET, Backend
 from prometheus_client import CollectorRegistry
 
 from bot.metrics import Metrics
@@ -35,6 +34,7 @@ from bot.wecom.errors import (
     WeComTransportError,
 )
 from bot.wecom.tokens import TokenStore
+from tests.conftest import TEST_CORP_ID, TEST_KF_SECRET, TEST_SECRET, Backend
 
 GETTOKEN = "/cgi-bin/gettoken"
 SEND = "/cgi-bin/kf/send_msg"

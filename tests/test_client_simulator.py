@@ -11,7 +11,6 @@ import fakeredis
 import pytest
 import redis.asyncio as redis_asyncio
 from aiohttp.test_utils import TestServer
-from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_KF_SECRET, TEST_TOKEN, Backend
 
 from bot.redis_keys import RedisKeys
 from bot.wecom.client import RobotClient, WeComClient
@@ -26,6 +25,7 @@ from bot.wecom.simulator import (
     create_simulator,
     push_kf_customer_message,
 )
+from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_KF_SECRET, TEST_TOKEN, Backend
 
 GETTOKEN = "/cgi-bin/gettoken"
 SEND = "/cgi-bin/kf/send_msg"

@@ -126,7 +126,6 @@ async def test_kill_9_worker_with_sends_in_flight_every_message_answered_once(
             await server.start_server()
             state.callback_url = str(server.make_url("/wecom/callback"))
             messages = services.repos.messages
-            outbox = services.repos.outbox
             try:
                 first = start_worker(env, log_path)
                 customers = [f"wmCrash{n:02d}" for n in range(CUSTOMERS)]

@@ -56,7 +56,9 @@ async def stack(backend: Backend) -> AsyncIterator[Stack]:
     sim_app = create_simulator(config)
     sim_server = TestServer(sim_app, host="127.0.0.1")
     await sim_server.start_server()
-    settings = make_settings(backend, wecom_api_base=str(sim_server.make_url("")).rstrip("/"), queue_partitions=4, auto_migrate=True)
+    settings = make_settings(
+        backend, wecom_api_base=str(sim_server.make_url("")).rstrip("/"), queue_partitions=4, auto_migrate=True
+    )
     try:
         async with open_services(settings) as services:
             bot_server = TestServer(create_app(services), host="127.0.0.1")

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_TOKEN, Backend, make_settings
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from structlog.testing import capture_logs
 
@@ -27,6 +26,7 @@ from bot.redis_conn import create_redis
 from bot.redis_keys import RedisKeys
 from bot.settings import Settings
 from bot.wecom.crypto import CallbackCrypto
+from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_TOKEN, Backend, make_settings
 
 NOW = 1_700_000_000
 MAX_BODY = 8192

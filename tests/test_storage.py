@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,6 +28,7 @@ from bot.storage.db import (
 from bot.storage.models import Base, ConversationStatus, Direction, MessageStatus, OutboxStatus
 from bot.storage.repositories import Repositories
 from handlers.domain import Channel, InboundMessage, KfOrigin, OutboundMessage
+from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 
 TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors"}
 T0 = 1_700_000_000
