@@ -533,29 +533,18 @@ def _flush_prefix(prefix: str) -> int:
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def _phases(
-    args: argparse.Namespace, file: Path, port: int, label: str, pid: int, before_open: Any = None
-) -> dict[str, dict]:
-    """warm-up, closed loop, open loop against one server; returns each phase's result."""
-    offset = 0  # both targets get the same callbacks
-    results: dict[str, dict] = {}
-    print(f"  [{label}] warm-up: {args.warmup} callbacks", flush=True)
-    results["warmup"] = _load(args, file, port, offset, args.warmup, "closed", f"{label} warm-up", pid)
-    start = offset + args.warmup
-    print(f"  [{label}] closed loop: {args.requests} callbacks over {args.concurrency} connections", flush=True)
-    results["closed"] = _load(args, file, port, start, args.requests, "closed", f"{label} closed", pid)
-    r = results["closed"]
-    print(f"  [{label}]   → {r['rate']:.0f} callbacks/s, {r['ok_200_empty']}/{r['sent']} ok; {_cpu(r)}", flush=True)
-    start += args.requests
+def _closed(args: argparse.Namespace, file: Path, port: int, start: int, label: str, pid: int) -> dict:
+    r = _load(args, file, port, start, args.requests, "closed", f"{label} closed", pid)
+    print(f"  [{label}] closed: {r['rate']:.0f} callbacks/s, {r['ok_200_empty']}/{r['sent']} ok; {_cpu(r)}", flush=True)
+    return r
+
+
+def _open(args: argparse.Namespace, file: Path, port: int, start: int, label: str, pid: int) -> dict:
     n_open = int(args.rate * args.duration)
-    print(f"  [{label}] open loop: {n_open} callbacks at {args.rate:g}/s", flush=True)
-    if before_open is not None:
-        before_open()
-    results["open"] = _load(args, file, port, start, n_open, "open", f"{label} open", pid)
-    r = results["open"]
+    r = _load(args, file, port, start, n_open, "open", f"{label} open", pid)
     ok = f"{r['ok_200_empty']}/{r['sent']} ok"
-    print(f"  [{label}]   → p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {ok}; {_cpu(r)}", flush=True)
-    return results
+    print(f"  [{label}] open at {args.rate:g}/s: p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {ok}", flush=True)
+    return r
 
 
 def _cpu(r: dict) -> str:
@@ -591,7 +580,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     ident = _identity()
     n_open = int(args.rate * args.duration)
-    per_target = args.warmup + args.requests + n_open
+    rounds = args.rounds
+    per_target = args.warmup + rounds * (args.requests + n_open)
     prefix = f"bench{secrets.token_hex(5)}"
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
     load_before = os.getloadavg()[0]
@@ -605,92 +595,126 @@ def orchestrate(args: argparse.Namespace) -> int:
         write_callbacks(file, callbacks)
         print(f"built {per_target} signed, encrypted callbacks in {time.perf_counter() - t:.1f}s", flush=True)
 
-        # ---- baseline ----
-        port = _free_port()
+        bare_port, bot_port = _free_port(), _free_port()
         bare = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--role", "bare", "--port", str(port)], cwd=ROOT
+            [sys.executable, str(Path(__file__).resolve()), "--role", "bare", "--port", str(bare_port)], cwd=ROOT
         )
-        try:
-            _wait_listening(port, bare, 15)
-            print(f"baseline: bare aiohttp handler on {HOST}:{port} (pid {bare.pid})", flush=True)
-            base = _phases(args, file, port, "baseline", bare.pid)
-        finally:
-            _stop(bare)
-
-        # ---- bot ----
-        port = _free_port()
         log_path = tmp / "server.log"
         with log_path.open("wb") as log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "bot.cli", "serve"],
                 cwd=tmp,  # no stray .env
-                env=_bot_env(tmp, port, prefix, ident),
+                env=_bot_env(tmp, bot_port, prefix, ident),
                 stdout=log,
                 stderr=log,
             )
         checks: dict[str, Any] = {}
+        base: dict[str, list[dict]] = {"warmup": [], "closed": [], "open": []}
+        bot: dict[str, list[dict]] = {"warmup": [], "closed": [], "open": []}
+        targets = (("baseline", bare_port, bare.pid, base), ("bot", bot_port, server.pid, bot))
         try:
-            _wait_listening(port, server, 60, log_path)
-            print(f"bot: wecom-bot serve on {HOST}:{port} (pid {server.pid}), REDIS_KEY_PREFIX={prefix}", flush=True)
-            metrics_before_open: list[str] = []
-            bot = _phases(
-                args, file, port, "bot", server.pid, lambda: metrics_before_open.append(_fetch(port, "/metrics"))
+            _wait_listening(bare_port, bare, 15)
+            _wait_listening(bot_port, server, 60, log_path)
+            print(f"baseline: bare aiohttp handler on {HOST}:{bare_port} (pid {bare.pid})", flush=True)
+            print(
+                f"bot: wecom-bot serve on {HOST}:{bot_port} (pid {server.pid}), REDIS_KEY_PREFIX={prefix}", flush=True
             )
-            metrics_after = _fetch(port, "/metrics")
-            checks["server_histogram_open"] = _histogram_quantiles(metrics_before_open[0], metrics_after)
+            # Both servers idle while the other is measured; rounds alternate which goes first, so drift in the
+            # machine's speed (a shared VM) hits both alike. Both get the same callbacks.
+            for label, port, pid, out in targets:
+                print(f"  [{label}] warm-up: {args.warmup} callbacks", flush=True)
+                out["warmup"].append(_load(args, file, port, 0, args.warmup, "closed", f"{label} warm-up", pid))
+            offset = args.warmup
+            for n in range(rounds):
+                print(
+                    f"round {n + 1}/{rounds}: closed loop, {args.requests} callbacks, {args.concurrency} connections"
+                )
+                for label, port, pid, out in targets if n % 2 == 0 else targets[::-1]:
+                    out["closed"].append(_closed(args, file, port, offset, label, pid))
+                offset += args.requests
+            metrics_before_open = _fetch(bot_port, "/metrics")
+            for n in range(rounds):
+                print(f"round {n + 1}/{rounds}: open loop, {n_open} callbacks at {args.rate:g}/s")
+                for label, port, pid, out in targets if n % 2 == 0 else targets[::-1]:
+                    out["open"].append(_open(args, file, port, offset, label, pid))
+                offset += n_open
+            metrics_after = _fetch(bot_port, "/metrics")
+            checks["server_histogram_open"] = _histogram_quantiles(metrics_before_open, metrics_after)
             accepted = _ACCEPTED.search(metrics_after)
             checks["accepted_metric"] = int(float(accepted.group(1))) if accepted else 0
             checks["stream_entries"], checks["streams"] = _stream_entries(prefix)
         finally:
+            _stop(bare)
             _stop(server)
             removed = _flush_prefix(prefix)
-            print(f"cleanup: server stopped, {removed} Redis keys under {prefix}: removed", flush=True)
+            print(f"cleanup: servers stopped, {removed} Redis keys under {prefix}: removed", flush=True)
         server_errors = [
             line for line in log_path.read_text(errors="replace").splitlines() if '"level": "error"' in line
         ]
 
-    sent_bot = sum(r["sent"] for r in bot.values())
-    ok_bot = sum(r["ok_200_empty"] for r in bot.values())
-    ok_base = sum(r["ok_200_empty"] for r in base.values())
-    sent_base = sum(r["sent"] for r in base.values())
-    ratio = bot["closed"]["rate"] / base["closed"]["rate"]
+    def flat(results: dict[str, list[dict]]) -> list[dict]:
+        return [r for phase in results.values() for r in phase]
+
+    sent_bot = sum(r["sent"] for r in flat(bot))
+    ok_bot = sum(r["ok_200_empty"] for r in flat(bot))
+    ok_base = sum(r["ok_200_empty"] for r in flat(base))
+    sent_base = sum(r["sent"] for r in flat(base))
     problems = []
     if ok_base != sent_base:
-        problems.append(f"baseline: {sent_base - ok_base} callbacks not answered 200/empty: {_bad(base)}")
+        problems.append(f"baseline: {sent_base - ok_base} callbacks not answered 200/empty")
     if ok_bot != sent_bot:
-        problems.append(f"bot: {sent_bot - ok_bot} callbacks not answered 200/empty: {_bad(bot)}")
+        problems.append(f"bot: {sent_bot - ok_bot} callbacks not answered 200/empty")
     if checks["stream_entries"] != sent_bot:
         problems.append(f"bot: Redis streams hold {checks['stream_entries']} entries, expected {sent_bot}")
     if checks["accepted_metric"] != sent_bot:
         problems.append(f"bot: accepted metric {checks['accepted_metric']}, expected {sent_bot}")
     if server_errors:
         problems.append(f"bot: {len(server_errors)} error log lines, first: {server_errors[0][:300]}")
-    if any(r["timed_out"] for r in [*base.values(), *bot.values()]):
+    if any(r["timed_out"] for r in [*flat(base), *flat(bot)]):
         problems.append("a phase hit its time limit")
 
+    ratios = [b["rate"] / a["rate"] for a, b in zip(base["closed"], bot["closed"], strict=True)]
+    cpu_ratios = [
+        a["server_cpu_us_per_callback"] / b["server_cpu_us_per_callback"]
+        for a, b in zip(base["closed"], bot["closed"], strict=True)
+    ]
+    summary = {
+        name: {
+            "rate": _median([r["rate"] for r in res["closed"]]),
+            "cpu_us": _median([r["server_cpu_us_per_callback"] for r in res["closed"]]),
+            "p50_ms": _median([r["p50_ms"] for r in res["open"]]),
+            "p99_ms": _median([r["p99_ms"] for r in res["open"]]),
+            "p99_worst_ms": max(r["p99_ms"] for r in res["open"]),
+        }
+        for name, res in (("baseline", base), ("bot", bot))
+    }
+    ratio, cpu_ratio = _median(ratios), _median(cpu_ratios)
     hist = checks["server_histogram_open"]
-    cpu_ratio = base["closed"]["server_cpu_us_per_callback"] / bot["closed"]["server_cpu_us_per_callback"]
     rate = f"{args.rate:g}/s"
     print()
     print("=" * 78)
-    print(f"| target | callbacks/s (closed, C={args.concurrency}) | server CPU µs/cb | p50 @ {rate} | p99 @ {rate} |")
-    print("|---|---:|---:|---:|---:|")
-    for name, res in (("bare aiohttp handler", base), ("bot server, 1 process", bot)):
-        closed, opened = res["closed"], res["open"]
+    print(f"medians of {rounds} interleaved rounds")
+    print(
+        f"| target | callbacks/s (closed, C={args.concurrency}) | server CPU µs/cb | p50 @ {rate} | p99 @ {rate} "
+        "| worst-round p99 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, key in (("bare aiohttp handler", "baseline"), ("bot server, 1 process", "bot")):
+        m = summary[key]
         print(
-            f"| {name} | {closed['rate']:.0f} | {closed['server_cpu_us_per_callback']:.0f} "
-            f"| {opened['p50_ms']:.2f} ms | {opened['p99_ms']:.2f} ms |"
+            f"| {name} | {m['rate']:.0f} | {m['cpu_us']:.0f} | {m['p50_ms']:.2f} ms | {m['p99_ms']:.2f} ms "
+            f"| {m['p99_worst_ms']:.2f} ms |"
         )
     print(
-        f"ratio bot/bare: {ratio * 100:.1f} % by throughput, {cpu_ratio * 100:.1f} % by CPU per callback "
+        f"ratio bot/bare (median of per-round ratios): {ratio * 100:.1f} % by throughput "
+        f"(rounds: {', '.join(f'{x * 100:.0f} %' for x in ratios)}), {cpu_ratio * 100:.1f} % by CPU per callback "
         "(target ≥ 40 %)"
     )
     print(f"load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"bot ack p99 at {args.rate:g}/s: {bot['open']['p99_ms']:.2f} ms  (target ≤ 20 ms)")
+    print(f"bot ack p99 at {rate}: median {summary['bot']['p99_ms']:.2f} ms (target ≤ 20 ms)")
     print(
-        f"bot open loop: sent at {bot['open']['achieved_send_rate']:.0f}/s over {bot['open']['connections']} "
-        f"connections, max backlog {bot['open']['max_backlog']}; server histogram (handler time) over the open "
-        f"loop: {hist['count']} callbacks, p50 {hist['p50']}, p99 {hist['p99']}"
+        f"server histogram (handler time) over the bot's open-loop rounds: {hist['count']} callbacks, "
+        f"p50 {hist['p50']}, p99 {hist['p99']}"
     )
     print(
         f"checks: {ok_bot}/{sent_bot} bot callbacks 200/empty; Redis streams hold {checks['stream_entries']} "
@@ -701,7 +725,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"baseline": base, "bot": bot, "checks": checks, "ratio": ratio, "cpu_ratio": cpu_ratio},
+                {"baseline": base, "bot": bot, "checks": checks, "summary": summary, "ratios": ratios},
                 indent=2,
                 default=str,
             )
@@ -709,6 +733,12 @@ def orchestrate(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"PROBLEM: {problem}")
     return 1 if problems else 0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _bad(results: dict[str, dict]) -> dict[str, int]:
@@ -721,11 +751,12 @@ def _bad(results: dict[str, dict]) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=20_000, help="callbacks in the closed-loop phase (20000)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per phase; medians are reported (3)")
+    p.add_argument("--requests", type=int, default=10_000, help="callbacks per closed-loop round (10000)")
     p.add_argument("--concurrency", type=int, default=32, help="connections in the closed loop (32)")
     p.add_argument("--warmup", type=int, default=1_000, help="warm-up callbacks before the closed loop (1000)")
     p.add_argument("--rate", type=float, default=1_000.0, help="open-loop callbacks/s (1000)")
-    p.add_argument("--duration", type=float, default=10.0, help="open-loop seconds (10)")
+    p.add_argument("--duration", type=float, default=5.0, help="open-loop seconds per round (5)")
     p.add_argument("--max-conns", type=int, default=256, help="open-loop connection cap (256)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time limit of one closed-loop phase (120)")
     p.add_argument("--json", help="also write the raw results to this file")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as redis_asyncio
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from bot.metrics import Metrics
 from bot.redis_keys import CONSUMER_GROUP, RedisKeys
@@ -31,19 +31,30 @@ from handlers.domain import Clock
 # Longest error text kept on a dead letter (the log only ever gets the error class).
 MAX_ERROR_CHARS = 2000
 
-# SET dedupe NX EX ttl and, only when it was set, XADD: one script, so a crash can never leave a marker
-# without its entry (a WeCom retry would then be dropped as a duplicate) nor queue an entry twice.
-# Scripts are not rolled back on error, so a failed XADD removes the marker it just set.
-_ENQUEUE_LUA = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return false
+# Per item: SET dedupe NX EX ttl and, only when it was set, XADD. One script, so a crash can never leave a
+# marker without its entry (a WeCom retry would then be dropped as a duplicate) nor queue an entry twice.
+# Scripts are not rolled back on error, so a failed XADD removes the marker it just set. Concurrent callbacks
+# share one call: redis-py's cost is per command, not per key.
+# KEYS: dedupe_1, stream_1, dedupe_2, stream_2, ...; ARGV[1] = ttl, then 5 values per item. Each item gets its
+# entry id, '' for a duplicate, or '!' .. the error of a failed XADD.
+_ENQUEUE_MANY_LUA = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local dedupe, stream, a = KEYS[2 * i - 1], KEYS[2 * i], 1 + (i - 1) * 5
+  if redis.call('SET', dedupe, '1', 'NX', 'EX', ARGV[1]) then
+    local id = redis.pcall('XADD', stream, '*', 'kind', ARGV[a + 1], 'payload', ARGV[a + 2], 'dedupe',
+                           ARGV[a + 3], 'conversation', ARGV[a + 4], 'enqueued_at', ARGV[a + 5])
+    if type(id) == 'table' and id.err then
+      redis.call('DEL', dedupe)
+      out[i] = '!' .. id.err
+    else
+      out[i] = id
+    end
+  else
+    out[i] = ''
+  end
 end
-local id = redis.pcall('XADD', KEYS[2], '*', 'kind', ARGV[2], 'payload', ARGV[3], 'dedupe', ARGV[4],
-                       'conversation', ARGV[5], 'enqueued_at', ARGV[6])
-if type(id) == 'table' and id.err then
-  redis.call('DEL', KEYS[1])
-end
-return id
+return out
 """
 
 # Acknowledge, drop the entry from the stream and forget its failed attempts.
@@ -204,13 +215,14 @@ class InboundQueue:
         self.metrics = metrics
         self.group = CONSUMER_GROUP
         self._clock = clock
-        self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self._enqueue_many = redis.register_script(_ENQUEUE_MANY_LUA)
         self._ack = redis.register_script(_ACK_LUA)
         self._dead_letter = redis.register_script(_DEAD_LETTER_LUA)
         self._replay = redis.register_script(_REPLAY_LUA)
         self._prune = redis.register_script(_PRUNE_CONSUMERS_LUA)
         self._batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._flushing = False
 
     def _now(self) -> float:
         return self._clock.now() if self._clock is not None else time.time()
@@ -253,8 +265,11 @@ class InboundQueue:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._batch.append((call[0], call[1], future))
-        if len(self._batch) == 1:
-            # The flush runs as its own task, so a cancelled caller never strands the others in its batch.
+        if not self._flushing:
+            # One flusher at a time (group commit): whatever arrives while its round trip is in flight goes out
+            # together in the next one, so batches grow with load and cost no latency when idle. It runs as its
+            # own task, so a cancelled caller never strands the others in its batch.
+            self._flushing = True
             task = loop.create_task(self._flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -263,40 +278,35 @@ class InboundQueue:
 
     async def _flush(self) -> None:
         """Send every enqueue waiting in this loop turn: one script call alone, several in one pipeline."""
+        try:
+            await self._flush_waiting()
+        finally:
+            # No await between the loop finding the batch empty and this line, so nothing can slip in between.
+            self._flushing = False
+
+    async def _flush_waiting(self) -> None:
         while self._batch:  # bounded: each pass takes up to _MAX_BATCH calls off a finite list
             batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
-            if len(batch) == 1:
-                keys, args, future = batch[0]
-                try:
-                    result = await self._enqueue(keys=keys, args=args)
-                except BaseException as exc:
-                    _settle(future, exc=exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    _settle(future, result)
-                continue
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args, _future in batch:
-                pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
+            keys = [key for item_keys, _args, _future in batch for key in item_keys]
+            args: list[Any] = [batch[0][1][0]]  # the TTL is the same for every item
+            for _keys, item_args, _future in batch:
+                args.extend(item_args[1:])
             try:
-                results = await pipe.execute(raise_on_error=False)
+                results = await self._enqueue_many(keys=keys, args=args)
             except BaseException as exc:
                 for _keys, _args, future in batch:
                     _settle(future, exc=exc)
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            for (keys, args, future), result in zip(batch, results, strict=True):
-                if isinstance(result, NoScriptError):  # Redis lost its scripts: the Script object reloads it
-                    try:
-                        result = await self._enqueue(keys=keys, args=args)
-                    except Exception as exc:
-                        result = exc
-                if isinstance(result, Exception):
-                    _settle(future, exc=result)
+            for (_keys, _args, future), result in zip(batch, results, strict=True):
+                text = _text(result)
+                if not text:
+                    _settle(future, None)
+                elif text.startswith("!"):
+                    _settle(future, exc=ResponseError(text[1:]))
                 else:
-                    _settle(future, result)
+                    _settle(future, text)
 
     # ---- consuming (used by bot/worker.py) -----------------------------------------------------------------
 

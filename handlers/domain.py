@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -83,8 +84,6 @@ class Clock(Protocol):
 
 class SystemClock:
     def now(self) -> float:
-        import time
-
         return time.time()
 
 

@@ -74,7 +74,12 @@ class CallbackEvent:
     msg_id: str | None
     agent_id: int | None
     raw: Mapping[str, Any]
-    message: Any = field(default=None, compare=False, repr=False)  # the wechatpy message object
+    message_class: type[Any] = field(default=UnknownMessage, compare=False, repr=False)
+
+    @property
+    def message(self) -> Any:
+        """The wechatpy message object, built on demand (the hot path only needs the class)."""
+        return self.message_class(dict(self.raw))
 
     def get_text(self, name: str) -> str | None:
         """A top-level text field of the plaintext, or None when absent or not text."""
@@ -112,20 +117,21 @@ def _element_value(element: ET.Element, depth: int) -> Any:
     """Like xmltodict: leaf → text ("" when empty), else a dict; repeated tags become lists."""
     if depth > _MAX_DEPTH:
         raise CallbackParseError("XML nested too deeply")
-    children = list(element)
-    if not children:
+    if not len(element):
         return element.text or ""
     result: dict[str, Any] = {}
-    for child in children:
-        value = _element_value(child, depth + 1)
-        if child.tag in result:
-            existing = result[child.tag]
+    for child in element:
+        # Callbacks are almost all flat: read leaves inline rather than through another call.
+        value = _element_value(child, depth + 1) if len(child) else (child.text or "")
+        tag = child.tag
+        if tag in result:
+            existing = result[tag]
             if isinstance(existing, list):
                 existing.append(value)
             else:
-                result[child.tag] = [existing, value]
+                result[tag] = [existing, value]
         else:
-            result[child.tag] = value
+            result[tag] = value
     return result
 
 
@@ -194,7 +200,7 @@ def parse_plaintext(xml: str) -> CallbackEvent:
         msg_id=_text(data, "MsgId"),
         agent_id=agent_id,
         raw=data,
-        message=message_class(data),
+        message_class=message_class,
     )
 
 
