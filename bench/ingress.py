@@ -401,7 +401,9 @@ def bare_main(args: argparse.Namespace) -> None:
             await asyncio.wait_for(stop.wait(), args.lifetime)  # bounded even if the parent dies
         await runner.cleanup()
 
-    asyncio.run(serve())
+    import uvloop  # the same event loop as `wecom-bot serve`, so the ratio compares like with like
+
+    uvloop.run(serve())
 
 
 # ---------------------------------------------------------------------------------------------------------------
