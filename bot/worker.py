@@ -426,7 +426,8 @@ class WorkerRuntime:
                     attempt=tries,
                     error_class=type(exc).__name__,
                 )
-                if tries >= self.dead_letter_after:
+                # An entry that cannot be read will not become readable by retrying it.
+                if tries >= self.dead_letter_after or isinstance(exc, MalformedEntry):
                     await self._dead_letter(p, entry_id, fields, entry.kind, tries, exc)
                     return True
                 if not retry:

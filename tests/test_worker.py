@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from bot.metrics import Metrics
-from bot.queue import InboundQueue, QueueEntry
+from bot.queue import InboundQueue, MalformedEntry, QueueEntry
 from bot.redis_keys import CONSUMER_GROUP, RedisKeys
 from bot.settings import Settings
 from bot.worker import WorkerRuntime
@@ -212,6 +212,31 @@ async def test_failure_retries_then_dead_letters_and_replay(backend: Backend, ne
     assert await worker.run_once() == 1
     assert seen[-1] == (0, 0)
     assert await q.dead_letter_count() == 0
+    await assert_queue_drained(redis, settings)
+    await worker.shutdown()
+
+
+async def test_an_entry_the_pipeline_cannot_read_is_dead_lettered_at_once(
+    backend: Backend, new_redis: RedisFactory
+) -> None:
+    settings = worker_settings(backend, queue_partitions=1, dead_letter_after=5)
+    redis = new_redis()
+    q = make_queue(redis, settings)
+    conv = "app:1:zhangsan"
+    for seq in range(2):
+        await q.enqueue_once(f"m{seq}", conv, "callback", {"conv": conv, "seq": seq})
+    attempts: list[int] = []
+
+    async def process(entry: QueueEntry) -> None:
+        if entry.payload["seq"] == 0:
+            attempts.append(entry.attempts)
+            raise MalformedEntry("callback: CallbackParseError")
+
+    worker = make_worker(redis, settings, process, "w1")
+    assert await worker.run_once() == 2
+    assert attempts == [0]  # no retries: they could not help
+    [dead] = await q.list_dead_letters(10)
+    assert dead.attempts == 1 and dead.error_class == "MalformedEntry"
     await assert_queue_drained(redis, settings)
     await worker.shutdown()
 
