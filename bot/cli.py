@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the input ends, wait at most this long for the last replies (default 10)",
     )
     chat.set_defaults(func=cmd_chat)
+
+    from bot import cli_scripts
+
+    cli_scripts.register(sub)
     return parser
 
 

@@ -1,0 +1,589 @@
+"""Load and validate a library folder: every problem is reported with its file and line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, time
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from scripts_library.model import (
+    BUILTIN_PLACEHOLDERS,
+    BUILTIN_TAGS,
+    KNOWN_EVENTS,
+    LIMITS,
+    ActiveWindow,
+    Audience,
+    Library,
+    Limits,
+    MenuItem,
+    Problem,
+    Reply,
+    Script,
+    Triggers,
+    Variant,
+)
+from scripts_library.text import TemplateError, normalize, parse_template, regex_problem
+
+TAGS_FILE = "tags.yaml"
+PLACEHOLDERS_FILE = "placeholders.yaml"
+DEFAULT_LIBRARY = Path(__file__).parent / "library"
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PLACEHOLDER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DAILY = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
+_SCRIPT_KEYS = {
+    "id", "title", "examples", "triggers", "audience", "priority", "cooldown_seconds", "active", "fallbacks",
+    "reply", "variants",
+}  # fmt: skip
+_TRIGGER_KEYS = {"keywords_any", "keywords_all", "phrases", "regex", "menu_ids", "events"}
+_AUDIENCE_KEYS = {"any_of", "all_of", "none_of"}
+_VARIANT_KEYS = {"name", "tags", "priority", "weight", "reply"}
+_ACTIVE_KEYS = {"from", "until", "daily", "timezone"}
+_REPLY_KINDS = ("text", "markdown", "image", "file", "link", "msgmenu")
+_MENU_KINDS = ("click", "view", "miniprogram", "text")
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+@dataclass
+class _File:
+    """Walks one composed YAML document, collecting problems instead of stopping at the first."""
+
+    name: str
+    problems: list[Problem]
+    tags: frozenset[str]
+    placeholders: Mapping[str, str | None]
+    limits: Limits
+
+    def problem(self, node: Node | int, message: str) -> None:
+        line = node if isinstance(node, int) else _line(node)
+        self.problems.append(Problem(self.name, line, message))
+
+    def mapping(self, node: Node, what: str, allowed: set[str] | None = None) -> dict[str, tuple[Node, Node]]:
+        if not isinstance(node, MappingNode):
+            self.problem(node, f"{what} must be a mapping")
+            return {}
+        out: dict[str, tuple[Node, Node]] = {}
+        for key, value in node.value:
+            if not isinstance(key, ScalarNode):
+                self.problem(key, f"{what}: keys must be plain words")
+                continue
+            name = str(key.value)
+            if name in out:
+                self.problem(key, f"{what}: duplicate key {name!r} (first on line {_line(out[name][0])})")
+                continue
+            if allowed is not None and name not in allowed:
+                self.problem(key, f"{what}: unknown key {name!r} (expected one of {', '.join(sorted(allowed))})")
+                continue
+            out[name] = (key, value)
+        return out
+
+    def string(self, node: Node, what: str, *, required: bool = True) -> str | None:
+        if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:null":
+            if required or isinstance(node, MappingNode | SequenceNode):
+                self.problem(node, f"{what} must be text")
+            return None
+        value = str(node.value)
+        if required and not value.strip():
+            self.problem(node, f"{what} must not be empty")
+            return None
+        return value
+
+    def strings(self, node: Node, what: str) -> list[tuple[str, Node]]:
+        if isinstance(node, ScalarNode) and node.tag != "tag:yaml.org,2002:null":
+            items: list[Node] = [node]
+        elif isinstance(node, SequenceNode):
+            items = list(node.value)
+        else:
+            self.problem(node, f"{what} must be a list of texts")
+            return []
+        out: list[tuple[str, Node]] = []
+        for item in items:
+            value = self.string(item, what)
+            if value is not None:
+                out.append((value, item))
+        return out
+
+    def integer(self, node: Node, what: str, minimum: int) -> int | None:
+        text = node.value if isinstance(node, ScalarNode) else None
+        try:
+            value = int(str(text)) if text is not None else None
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            self.problem(node, f"{what} must be a whole number ≥ {minimum}")
+            return None
+        return value
+
+    def tag_set(self, node: Node, what: str) -> frozenset[str]:
+        out: set[str] = set()
+        for tag, item in self.strings(node, what):
+            if tag not in self.tags:
+                self.problem(item, f"unknown tag {tag!r} in {what} (declare it in {TAGS_FILE})")
+            out.add(tag)
+        return frozenset(out)
+
+    # --- content -------------------------------------------------------------------------------------------
+
+    def template(self, node: Node, what: str, limit: int | None, *, minimum: int = 0) -> str:
+        value = self.string(node, what, required=minimum > 0)
+        if value is None:
+            return ""
+        try:
+            tokens = parse_template(value)
+        except TemplateError as exc:
+            self.problem(node, f"{what}: {exc}")
+            return value
+        size = 0
+        for token in tokens:
+            if token.placeholder:
+                if token.placeholder not in self.placeholders:
+                    self.problem(node, f"unknown placeholder {{{token.placeholder}}} in {what}")
+                size += self.limits.placeholder_value_bytes
+            else:
+                size += len(token.literal.encode())
+        if limit is not None and size > limit:
+            self.problem(
+                node,
+                f"{what} is {size} bytes (placeholders counted at {self.limits.placeholder_value_bytes} B), "
+                f"over WeCom's {limit}-byte limit",
+            )
+        return value
+
+    def plain(self, node: Node, what: str, limit: int | None = None, *, required: bool = True) -> str:
+        value = self.string(node, what, required=required)
+        if value is None:
+            return ""
+        if re.search(r"\{[A-Za-z_][A-Za-z0-9_]*\}", value):
+            self.problem(node, f"placeholders are not allowed in {what}")
+        if limit is not None and len(value.encode()) > limit:
+            self.problem(node, f"{what} is {len(value.encode())} bytes, over WeCom's {limit}-byte limit")
+        return value
+
+    def reply(self, node: Node) -> Reply | None:
+        m = self.mapping(node, "reply item")
+        if not m:
+            return None
+        kinds = [k for k in m if k in _REPLY_KINDS]
+        if len(m) != 1 or len(kinds) != 1:
+            self.problem(node, f"a reply item has exactly one of {', '.join(_REPLY_KINDS)}")
+            return None
+        kind = kinds[0]
+        value = m[kind][1]
+        lim = self.limits
+        if kind == "text":
+            return Reply(kind, text=self.template(value, "text", lim.text_bytes, minimum=1))
+        if kind == "markdown":
+            return Reply(kind, text=self.template(value, "markdown", lim.markdown_bytes, minimum=1))
+        if kind in ("image", "file"):
+            fields = self.mapping(value, kind, {"media_id"})
+            if "media_id" not in fields:
+                self.problem(value, f"{kind} needs media_id")
+                return None
+            return Reply(kind, media_id=self.plain(fields["media_id"][1], "media_id"))
+        if kind == "link":
+            fields = self.mapping(value, "link", {"title", "desc", "url", "thumb_media_id", "pic_url"})
+            for needed in ("title", "url"):
+                if needed not in fields:
+                    self.problem(value, f"link needs {needed}")
+            if "title" not in fields or "url" not in fields:
+                return None
+            return Reply(
+                kind,
+                title=self.template(fields["title"][1], "link title", lim.link_title_bytes, minimum=1),
+                desc=self.template(fields["desc"][1], "link desc", lim.link_desc_bytes) if "desc" in fields else "",
+                url=self.plain(fields["url"][1], "link url", lim.menu_view_url_bytes),
+                media_id=self.plain(fields["thumb_media_id"][1], "thumb_media_id")
+                if "thumb_media_id" in fields
+                else "",
+                pic_url=self.plain(fields["pic_url"][1], "pic_url") if "pic_url" in fields else "",
+            )
+        return self.msgmenu(value)
+
+    def msgmenu(self, node: Node) -> Reply | None:
+        lim = self.limits
+        fields = self.mapping(node, "msgmenu", {"head_content", "tail_content", "list"})
+        head = (
+            self.template(fields["head_content"][1], "head_content", lim.menu_head_tail_bytes)
+            if "head_content" in fields
+            else ""
+        )
+        tail = (
+            self.template(fields["tail_content"][1], "tail_content", lim.menu_head_tail_bytes)
+            if "tail_content" in fields
+            else ""
+        )
+        if "list" not in fields or not isinstance(fields["list"][1], SequenceNode):
+            self.problem(node, "msgmenu needs a list of items")
+            return None
+        list_node = fields["list"][1]
+        items: list[MenuItem] = []
+        for item_node in list_node.value:
+            item = self.menu_item(item_node)
+            if item is not None:
+                items.append(item)
+        actionable = sum(1 for item in items if item.type != "text")
+        if actionable > lim.menu_actionable_items:
+            self.problem(
+                list_node,
+                f"msgmenu has {actionable} click/view/miniprogram items, over WeCom's limit of "
+                f"{lim.menu_actionable_items}",
+            )
+        if len(list_node.value) > lim.menu_items:
+            self.problem(list_node, f"msgmenu has {len(list_node.value)} items, over WeCom's limit of {lim.menu_items}")
+        if not list_node.value:
+            self.problem(list_node, "msgmenu list is empty")
+        return Reply("msgmenu", head_content=head, tail_content=tail, items=tuple(items))
+
+    def menu_item(self, node: Node) -> MenuItem | None:
+        lim = self.limits
+        m = self.mapping(node, "msgmenu item")
+        if len(m) != 1 or next(iter(m)) not in _MENU_KINDS:
+            if m:
+                self.problem(node, f"a msgmenu item has exactly one of {', '.join(_MENU_KINDS)}")
+            return None
+        kind, (_, value) = next(iter(m.items()))
+        if kind == "click":
+            f = self.mapping(value, "click item", {"id", "content"})
+            if "id" not in f or "content" not in f:
+                self.problem(value, "click item needs id and content")
+                return None
+            return MenuItem(
+                "click",
+                id=self.plain(f["id"][1], "click id", lim.menu_click_id_bytes),
+                content=self.template(f["content"][1], "click content", lim.menu_click_content_bytes, minimum=1),
+            )
+        if kind == "view":
+            f = self.mapping(value, "view item", {"url", "content"})
+            if "url" not in f or "content" not in f:
+                self.problem(value, "view item needs url and content")
+                return None
+            return MenuItem(
+                "view",
+                url=self.plain(f["url"][1], "view url", lim.menu_view_url_bytes),
+                content=self.template(f["content"][1], "view content", lim.menu_click_content_bytes, minimum=1),
+            )
+        if kind == "miniprogram":
+            f = self.mapping(value, "miniprogram item", {"appid", "pagepath", "content"})
+            if not {"appid", "pagepath", "content"} <= f.keys():
+                self.problem(value, "miniprogram item needs appid, pagepath and content")
+                return None
+            return MenuItem(
+                "miniprogram",
+                appid=self.plain(f["appid"][1], "appid"),
+                pagepath=self.plain(f["pagepath"][1], "pagepath"),
+                content=self.template(f["content"][1], "miniprogram content", lim.menu_click_content_bytes, minimum=1),
+            )
+        f = self.mapping(value, "text item", {"content", "no_newline"})
+        if "content" not in f:
+            self.problem(value, "text item needs content")
+            return None
+        no_newline = "no_newline" in f and str(f["no_newline"][1].value).lower() in ("1", "true", "yes")
+        return MenuItem(
+            "text",
+            content=self.template(f["content"][1], "menu text", lim.menu_text_item_bytes, minimum=1),
+            no_newline=no_newline,
+        )
+
+    def replies(self, node: Node, where: str) -> tuple[Reply, ...]:
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        if not items:
+            self.problem(node, f"{where}: reply is empty")
+        if len(items) > self.limits.replies_per_variant:
+            self.problem(
+                node,
+                f"{where}: {len(items)} reply messages, over kf's limit of "
+                f"{self.limits.replies_per_variant} per customer message",
+            )
+        out = [self.reply(item) for item in items]
+        return tuple(r for r in out if r is not None)
+
+    # --- script --------------------------------------------------------------------------------------------
+
+    def triggers(self, node: Node) -> Triggers:
+        f = self.mapping(node, "triggers", _TRIGGER_KEYS)
+        got: dict[str, tuple[str, ...]] = {}
+        for key, (_, value) in f.items():
+            entries = self.strings(value, key)
+            for text, item in entries:
+                if key in ("keywords_any", "keywords_all", "phrases") and not normalize(text):
+                    self.problem(item, f"{key}: {text!r} is empty after normalisation")
+                if key == "regex":
+                    cause = regex_problem(text, self.limits.regex_chars)
+                    if cause:
+                        self.problem(item, f"{cause}: {text!r}")
+                if key == "events" and text not in KNOWN_EVENTS:
+                    self.problem(item, f"unknown event {text!r} (known: {', '.join(sorted(KNOWN_EVENTS))})")
+            got[key] = tuple(text for text, _ in entries)
+        return Triggers(**got)
+
+    def window(self, node: Node) -> ActiveWindow | None:
+        f = self.mapping(node, "active", _ACTIVE_KEYS)
+        tz_name = "Asia/Shanghai"
+        if "timezone" in f:
+            tz_name = self.string(f["timezone"][1], "timezone") or tz_name
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.problem(f["timezone"][1], f"unknown timezone {tz_name!r}")
+            return None
+        bounds: dict[str, datetime | None] = {"from": None, "until": None}
+        for key in bounds:
+            if key in f:
+                raw = self.string(f[key][1], key)
+                if raw is None:
+                    continue
+                try:
+                    stamp = datetime.fromisoformat(raw.strip())
+                except ValueError:
+                    self.problem(f[key][1], f"{key}: {raw!r} is not a date/time like 2025-06-18 00:00")
+                    continue
+                bounds[key] = stamp if stamp.tzinfo else stamp.replace(tzinfo=tz)
+        start, until = bounds["from"], bounds["until"]
+        if start is not None and until is not None and start >= until:
+            self.problem(node, "active: from must be before until")
+        daily_from = daily_until = None
+        if "daily" in f:
+            raw = self.string(f["daily"][1], "daily") or ""
+            m = _DAILY.match(raw.strip())
+            try:
+                if m is None:
+                    raise ValueError(raw)
+                daily_from = time(int(m.group(1)), int(m.group(2)))
+                daily_until = time(int(m.group(3)), int(m.group(4)))
+            except ValueError:
+                self.problem(f["daily"][1], f"daily: {raw!r} is not a range like 09:00-21:00")
+        return ActiveWindow(start, until, daily_from, daily_until, tz_name)
+
+    def variants(self, node: Node) -> tuple[Variant, ...]:
+        if not isinstance(node, SequenceNode) or not node.value:
+            self.problem(node, "variants must be a non-empty list")
+            return ()
+        out: list[Variant] = []
+        seen: dict[str, int] = {}
+        for item in node.value:
+            f = self.mapping(item, "variant", _VARIANT_KEYS)
+            if not f:
+                continue
+            name = self.string(f["name"][1], "variant name") if "name" in f else None
+            if name is None:
+                if "name" not in f:
+                    self.problem(item, "variant needs a name")
+                continue
+            if name in seen:
+                self.problem(f["name"][1], f"duplicate variant name {name!r} (first on line {seen[name]})")
+                continue
+            seen[name] = _line(f["name"][1])
+            if "reply" not in f:
+                self.problem(item, f"variant {name!r} needs a reply")
+                continue
+            tags = self.tag_set(f["tags"][1], f"variant {name!r} tags") if "tags" in f else frozenset()
+            priority = self.integer(f["priority"][1], "priority", -1000) if "priority" in f else 0
+            weight = self.integer(f["weight"][1], "weight", 1) if "weight" in f else 1
+            replies = self.replies(f["reply"][1], f"variant {name!r}")
+            out.append(Variant(name, replies, tags, priority or 0, weight or 1))
+        if out and all(v.tags for v in out):
+            self.problem(node, "variants need a default (a variant without tags)")
+        return tuple(out)
+
+    def script(self, node: Node) -> Script | None:
+        f = self.mapping(node, "script", _SCRIPT_KEYS)
+        if not f:
+            return None
+        start = len(self.problems)
+        script_id = self.string(f["id"][1], "id") if "id" in f else None
+        if "id" not in f:
+            self.problem(node, "script needs an id")
+        elif script_id is not None and not _ID.match(script_id):
+            self.problem(f["id"][1], f"id {script_id!r} must be letters, digits, _ . - (at most 64)")
+        title = self.string(f["title"][1], "title") if "title" in f else None
+        if "title" not in f:
+            self.problem(node, "script needs a title")
+        examples = tuple(t for t, _ in self.strings(f["examples"][1], "examples")) if "examples" in f else ()
+        triggers = self.triggers(f["triggers"][1]) if "triggers" in f else Triggers()
+        if not any(getattr(triggers, k) for k in _TRIGGER_KEYS):
+            self.problem(f["triggers"][1] if "triggers" in f else node, "script needs at least one trigger")
+        audience = Audience()
+        if "audience" in f:
+            a = self.mapping(f["audience"][1], "audience", _AUDIENCE_KEYS)
+            audience = Audience(**{k: self.tag_set(v, f"audience {k}") for k, (_, v) in a.items()})
+        priority = self.integer(f["priority"][1], "priority", -1000) if "priority" in f else 0
+        cooldown = self.integer(f["cooldown_seconds"][1], "cooldown_seconds", 0) if "cooldown_seconds" in f else 0
+        window = self.window(f["active"][1]) if "active" in f else None
+        fallbacks: list[tuple[str, str]] = []
+        if "fallbacks" in f:
+            for name, (key, value) in self.mapping(f["fallbacks"][1], "fallbacks").items():
+                if name not in self.placeholders:
+                    self.problem(key, f"unknown placeholder {{{name}}} in fallbacks")
+                fallback = self.plain(value, f"fallback for {name}", self.limits.placeholder_value_bytes)
+                fallbacks.append((name, fallback))
+        variants: tuple[Variant, ...] = ()
+        if ("reply" in f) == ("variants" in f):
+            self.problem(node, "script needs either reply or variants (not both)")
+        elif "reply" in f:
+            variants = (Variant("default", self.replies(f["reply"][1], "reply")),)
+        else:
+            variants = self.variants(f["variants"][1])
+        if len(self.problems) > start or script_id is None or title is None:
+            return None
+        return Script(
+            id=script_id,
+            title=title,
+            file=self.name,
+            line=_line(node),
+            variants=variants,
+            examples=examples,
+            triggers=triggers,
+            audience=audience,
+            window=window,
+            cooldown_seconds=cooldown or 0,
+            priority=priority or 0,
+            fallbacks=tuple(fallbacks),
+        )
+
+
+def _compose(name: str, text: str, problems: list[Problem]) -> Node | None:
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1 if event.start_mark is not None else 1
+                problems.append(Problem(name, line, "YAML aliases (*name) are not allowed"))
+                return None
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problems.append(Problem(name, line, f"YAML syntax error: {exc.problem or exc.context}"))
+    except yaml.YAMLError as exc:
+        problems.append(Problem(name, 1, f"YAML syntax error: {exc}"))
+    return None
+
+
+def _vocabulary(
+    sources: Mapping[str, str], problems: list[Problem], limits: Limits
+) -> tuple[set[str], dict[str, str | None]]:
+    tags = set(BUILTIN_TAGS)
+    placeholders: dict[str, str | None] = dict(BUILTIN_PLACEHOLDERS)
+    for name, text in sources.items():
+        base = Path(name).name
+        if base not in (TAGS_FILE, PLACEHOLDERS_FILE):
+            continue
+        root = _compose(name, text, problems)
+        if root is None:
+            continue
+        walker = _File(name, problems, frozenset(), {}, limits)
+        key = "tags" if base == TAGS_FILE else "placeholders"
+        top = walker.mapping(root, base, {key})
+        if key not in top:
+            continue
+        if base == TAGS_FILE:
+            tags.update(t.strip() for t, _ in walker.strings(top[key][1], "tags"))
+            continue
+        for ph, (k, v) in walker.mapping(top[key][1], "placeholders").items():
+            if not _PLACEHOLDER_NAME.match(ph):
+                walker.problem(k, f"placeholder name {ph!r} must be letters, digits and _")
+            fallback = walker.string(v, f"fallback for {ph}", required=False)
+            placeholders[ph] = fallback
+    return tags, placeholders
+
+
+def _peek_id(node: Node) -> str | None:
+    if isinstance(node, MappingNode):
+        for key, value in node.value:
+            if isinstance(key, ScalarNode) and key.value == "id" and isinstance(value, ScalarNode):
+                return str(value.value)
+    return None
+
+
+def build_library(sources: Mapping[str, str], limits: Limits = LIMITS) -> Library | list[Problem]:
+    """Validate YAML texts by file name (tags.yaml / placeholders.yaml are the vocabulary) into a Library."""
+    problems: list[Problem] = []
+    tags, placeholders = _vocabulary(sources, problems, limits)
+    scripts: list[Script] = []
+    first_seen: dict[str, tuple[str, int]] = {}
+    for name in sorted(sources):
+        if Path(name).name in (TAGS_FILE, PLACEHOLDERS_FILE):
+            continue
+        text = sources[name]
+        if len(text.encode()) > limits.file_bytes:
+            problems.append(Problem(name, 1, f"file is over the {limits.file_bytes}-byte cap"))
+            continue
+        root = _compose(name, text, problems)
+        if root is None:
+            continue
+        walker = _File(name, problems, frozenset(tags), placeholders, limits)
+        top = walker.mapping(root, "file", {"scripts"})
+        if "scripts" not in top:
+            if top or isinstance(root, MappingNode):
+                walker.problem(root, "a script file is a mapping with a `scripts:` list")
+            continue
+        seq = top["scripts"][1]
+        if not isinstance(seq, SequenceNode):
+            walker.problem(seq, "scripts must be a list")
+            continue
+        for node in seq.value:
+            script_id = _peek_id(node)
+            if script_id is not None and script_id in first_seen:
+                file, line = first_seen[script_id]
+                walker.problem(node, f"duplicate id {script_id!r} (first in {file}:{line})")
+                continue
+            if script_id is not None:
+                first_seen[script_id] = (name, _line(node))
+            script = walker.script(node)
+            if script is not None:
+                scripts.append(script)
+    if problems:
+        return sorted(set(problems), key=lambda p: (p.file, p.line, p.message))
+    return Library(
+        scripts=tuple(sorted(scripts, key=lambda s: s.id)),
+        tags=frozenset(tags),
+        placeholders=tuple(sorted(placeholders.items())),
+    )
+
+
+def _files(root: Path) -> Iterable[Path]:
+    if root.is_file():
+        yield root
+        for extra in (TAGS_FILE, PLACEHOLDERS_FILE):
+            if (root.parent / extra).is_file() and root.name != extra:
+                yield root.parent / extra
+        return
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix in (".yaml", ".yml"):
+            yield path
+
+
+def load_library(path: str | Path = DEFAULT_LIBRARY, limits: Limits = LIMITS) -> Library | list[Problem]:
+    """Load a library folder (or one file beside its vocabulary): a Library, or every problem found."""
+    root = Path(path)
+    if not root.exists():
+        return [Problem(str(root), 1, "no such file or folder")]
+    sources: dict[str, str] = {}
+    problems: list[Problem] = []
+    for file in _files(root):
+        name = str(file)
+        try:
+            size = file.stat().st_size
+            if size > limits.file_bytes:
+                problems.append(Problem(name, 1, f"file is {size} bytes, over the {limits.file_bytes}-byte cap"))
+                continue
+            sources[name] = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            problems.append(Problem(name, 1, "file is not UTF-8"))
+        except OSError as exc:
+            problems.append(Problem(name, 1, f"cannot read: {exc.strerror}"))
+    if not sources and not problems:
+        return [Problem(str(root), 1, "no .yaml files found")]
+    built = build_library(sources, limits)
+    if problems:
+        more = built if isinstance(built, list) else []
+        return sorted(problems + more, key=lambda p: (p.file, p.line, p.message))
+    return built
