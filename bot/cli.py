@@ -270,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(func=cmd_chat)
 
-    from bot import cli_scripts
+    from bot import cli_customers, cli_scripts
 
     cli_scripts.register(sub)
+    cli_customers.register(sub)
     return parser
 
 

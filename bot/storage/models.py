@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed declarative models: customers, conversations, messages, outbox, kf cursors."""
+"""SQLAlchemy 2 typed declarative models: customers, conversations, messages, outbox, kf cursors, orders, tags."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     Dialect,
     ForeignKey,
@@ -203,3 +204,38 @@ class KfCursor(Base):
     open_kfid: Mapped[str] = mapped_column(String(128), primary_key=True)
     cursor: Mapped[str] = mapped_column(String(255))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Order(Base):
+    """A paid order, imported from a CSV or an API; unique per (source, external_order_id)."""
+
+    __tablename__ = "orders"
+    __table_args__ = (
+        UniqueConstraint("source", "external_order_id"),
+        CheckConstraint("amount_cents >= 0", name="amount_not_negative"),
+        Index(None, "customer_id", "paid_at"),
+        Index(None, "imported_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    customer_id: Mapped[int] = mapped_column(BigId, ForeignKey("customers.id"))
+    source: Mapped[str] = mapped_column(String(32))
+    external_order_id: Mapped[str] = mapped_column(String(128))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    paid_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CustomerTag(Base):
+    """One tag on one customer from one source (wecom, computed, bot); set_at is when it was last written."""
+
+    __tablename__ = "customer_tags"
+    __table_args__ = (
+        CheckConstraint("source IN ('wecom', 'computed', 'bot')", name="source"),
+        Index(None, "tag"),
+    )
+
+    customer_id: Mapped[int] = mapped_column(BigId, ForeignKey("customers.id"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    set_at: Mapped[datetime] = mapped_column(UTCDateTime)
