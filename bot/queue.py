@@ -109,6 +109,9 @@ return removed
 """
 
 
+# What json.dumps(payload, ensure_ascii=False, separators=(",", ":")) builds on every call, built once.
+_PAYLOAD_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 # Most enqueue calls sent in one pipeline (more wait for the next pass of the same flush).
 _MAX_BATCH = 256
 
@@ -256,7 +259,7 @@ class InboundQueue:
         Calls made in the same event-loop turn (concurrent callbacks) share one Redis round trip: each is still
         its own atomic script call with its own result or exception, sent in arrival order.
         """
-        body = json.dumps(dict(payload), ensure_ascii=False, separators=(",", ":"))
+        body = _PAYLOAD_JSON.encode(dict(payload))
         stream = self.stream(self.partition_for(conversation_key))
         call = (
             [self.keys.dedupe(dedupe_key), stream],

@@ -546,3 +546,58 @@ def test_kf_system_events(event: dict[str, Any], servicer: str | None) -> None:
 def test_kf_item_without_msgid_is_rejected() -> None:
     with pytest.raises(CallbackParseError):
         kf_message_to_inbound({"msgtype": "text", "text": {"content": "x"}})
+
+
+# --- fast parse paths agree with the tree parser -----
+
+from bot.wecom import parse as _parse_mod  # noqa: E402
+
+_SHAPES = [
+    "<xml><A>1</A><B><![CDATA[x<y&z]]]></B><A>2</A><A>3</A></xml>",
+    "<xml>\n <A>a&amp;b&#20013;</A>\n<!-- c --><B>x<!--c-->y<?pi z?>w</B></xml>",
+    '<xml xmlns="urn:x"><A>1</A></xml>',
+    '<xml xmlns:p="urn:p"><p:A>1</p:A><A/></xml>',
+    "<xml><p:A>1</p:A></xml>",
+    "<xml/>",
+    "<xml></xml>",
+    "<xml>text</xml>",
+    "<A>1</A>",
+    "<xml><A>\u4e2d\u6587 \U0001f600</A></xml>\n",
+    "<xml><A>\r\n x \r</A><B><![CDATA[\r\n]]></B></xml>",
+    "<xml><A>a]b</A></xml>",
+    "<xml><A b='1'>v</A></xml>",
+    "<xml><A>1</A></xml>junk",
+    "<xml><A>1</xml>",
+    "",
+    "<xml><A>&lol;</A></xml>",
+    "<xml><A><![CDATA[<!DOCTYPE x>]]></A></xml>",
+    "<xml><A>\x01</A></xml>",
+    "<xml><A>1</A><B><C>2</C></B></xml>",
+    "<xml><A>1</A><A><B>1</B></A></xml>",
+]
+
+
+def _outcome(fn: Any, doc: str) -> tuple[str, Any]:
+    try:
+        return ("ok", fn(doc))
+    except CallbackParseError as exc:
+        return ("error", exc.reason)
+
+
+@pytest.mark.parametrize("doc", _SHAPES)
+def test_fast_paths_give_what_the_tree_gives(doc: str) -> None:
+    assert _outcome(_parse_mod._xml_to_dict, doc) == _outcome(_parse_mod._tree_to_dict, doc)
+
+
+def test_plain_shape_takes_the_regex_path_and_others_do_not() -> None:
+    assert _parse_mod._plain_dict("<xml><A><![CDATA[x]]></A>\n<B>2</B><A></A></xml>") == {"A": ["x", ""], "B": "2"}
+    others = ("<xml><A>&amp;</A></xml>", "<!DOCTYPE xml><xml/>", "<xml><A><B>1</B></A></xml>", "<xml><A>\r</A></xml>")
+    for doc in others:
+        assert _parse_mod._plain_dict(doc) is None
+
+
+@pytest.mark.parametrize("doc", [BILLION_LAUGHS, EXTERNAL_ENTITY, PLAIN_DOCTYPE])
+def test_expat_pass_refuses_any_dtd(doc: str) -> None:
+    with pytest.raises(CallbackParseError) as err:
+        _parse_mod._xml_to_dict(doc)
+    assert "DTD" in err.value.reason

@@ -9,6 +9,7 @@ import hmac
 import secrets
 import struct
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from wechatpy.work.crypto import PrpCrypto
 
 # Official library error codes (reference §1.3), kept so logs and tests speak WeCom's language.
@@ -49,7 +50,8 @@ class CallbackCrypto:
             raise CallbackCryptoError(ILLEGAL_AES_KEY, "EncodingAESKey must decode to 32 bytes")
         self._token = token
         self._key = key
-        self._prp = PrpCrypto(key)  # its cryptography Cipher is reusable: each decrypt makes a fresh context
+        # One Cipher per key (AES-256-CBC, IV = key[:16], reference §1.3); each decrypt makes a fresh context.
+        self._cipher = Cipher(algorithms.AES(key), modes.CBC(key[:16]))
         self.receive_id = receive_id
 
     def sign(self, timestamp: str, nonce: str, encrypted: str) -> str:
@@ -65,17 +67,19 @@ class CallbackCrypto:
         if len(encrypted) > _MAX_ENCRYPTED_CHARS:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "ciphertext too long")
         try:
-            raw = base64.b64decode(encrypted, validate=True)
+            # base64.b64decode(encrypted, validate=True) without its wrapper: ASCII only, strict alphabet.
+            raw = binascii.a2b_base64(encrypted.encode("ascii"), strict_mode=True)
         except (binascii.Error, ValueError):
             raise CallbackCryptoError(BASE64_DECODE_FAILED, "ciphertext is not valid base64") from None
         if not raw or len(raw) % 16:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "ciphertext is not a whole number of AES blocks")
         try:
-            plain: bytes = self._prp.cipher.decrypt(raw)
+            decryptor = self._cipher.decryptor()
+            plain = decryptor.update(raw) + decryptor.finalize()
         except Exception:
             raise CallbackCryptoError(DECRYPT_FAILED, "AES decryption failed") from None
         pad = plain[-1]
-        if not 1 <= pad <= _BLOCK or plain[-pad:] != bytes([pad]) * pad:
+        if not 1 <= pad <= _BLOCK or plain[-pad:] != bytes((pad,)) * pad:
             raise CallbackCryptoError(DECRYPT_FAILED, "bad PKCS#7 padding")
         content = plain[16:-pad]
         if len(content) < 4:

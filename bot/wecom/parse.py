@@ -7,10 +7,12 @@ classified through wechatpy's message/event registries (unknown types fall back 
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pyexpat import ExpatError, ParserCreate
+from typing import Any, Literal, NoReturn
 
 import defusedxml.ElementTree as SafeET
 from defusedxml.common import DefusedXmlException
@@ -135,12 +137,125 @@ def _element_value(element: ET.Element, depth: int) -> Any:
     return result
 
 
-def _xml_to_dict(text: str) -> dict[str, Any]:
+def _tree_to_dict(text: str) -> dict[str, Any]:
     root = _safe_fromstring(text)
     value = _element_value(root, 0)
     if not isinstance(value, dict):
         return {}
     return value
+
+
+class _NotFlat(Exception):
+    """The document nests deeper than the root's children: the flat pass gives up."""
+
+
+class _Forbidden(Exception):
+    """A DTD (and so any entity declaration) appeared."""
+
+
+def _forbid(*_args: Any) -> NoReturn:
+    raise _Forbidden
+
+
+def _flat_dict(text: str) -> dict[str, Any]:
+    """One pass of the C expat parser straight into {tag: text} for a flat document (raises _NotFlat otherwise).
+
+    Gives exactly what `_tree_to_dict` gives for documents whose root's children are all leaves: expat set up
+    as ElementTree sets it up (text re-encoded as UTF-8, "}" namespace separator, comments and processing
+    instructions dropped), a leaf's value is all its character data, repeated tags become lists. Any DOCTYPE is
+    refused the moment expat reports it, before anything declared in it could be expanded.
+    """
+    parser = ParserCreate("utf-8", "}")
+    parser.buffer_text = True
+    parser.StartDoctypeDeclHandler = _forbid
+    parser.EntityDeclHandler = _forbid
+    parser.UnparsedEntityDeclHandler = _forbid
+    parser.ExternalEntityRefHandler = _forbid
+    data: dict[str, Any] = {}
+    parts: list[str] = []
+    depth = 0
+    mark = 0
+
+    def start(_tag: str, _attrs: Any) -> None:
+        nonlocal depth, mark
+        depth += 1
+        if depth == 2:
+            mark = len(parts)
+        elif depth > 2:
+            raise _NotFlat
+
+    def end(tag: str) -> None:
+        nonlocal depth
+        depth -= 1
+        if depth == 1:
+            if "}" in tag:
+                tag = "{" + tag  # ElementTree's spelling of a namespaced name
+            value = "".join(parts[mark:])
+            if tag in data:
+                existing = data[tag]
+                if isinstance(existing, list):
+                    existing.append(value)
+                else:
+                    data[tag] = [existing, value]
+            else:
+                data[tag] = value
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = parts.append  # text between the root's children is sliced off in end()
+    parser.Parse(text, True)
+    return data
+
+
+# The shape WeCom actually sends, matched in C: `<xml>` then leaf children, each holding one CDATA section or
+# plain text, separated by XML whitespace, then `</xml>`. Names are plain ASCII (no ':' so no namespaces), no
+# attributes, no references ('&' is excluded, so no entity of any kind), no '\r' (expat would normalise it),
+# only characters XML allows, and no ']' in plain text (so no ']]>'); a CDATA section ends at its first ']]>'.
+# A document that matches is well-formed XML without a DTD, and its {tag: text} is exactly what the tree
+# gives. Anything else, however harmless, takes the expat pass below.
+_CDATA_CHAR = r"[\t\n\x20-\x5c\x5e-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+_TEXT_CHAR = r"[\t\n\x20-\x25\x27-\x3b\x3d-\x5c\x5e-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+_LEAF = (
+    r"<([A-Za-z_][A-Za-z0-9_]*)>"
+    rf"(?:<!\[CDATA\[({_CDATA_CHAR}*(?:\](?!\]>){_CDATA_CHAR}*)*)\]\]>|({_TEXT_CHAR}*))"
+    r"</\1>"
+)
+_PLAIN_DOC = re.compile(rf"<xml>(?:[ \t\r\n]*{_LEAF})*[ \t\r\n]*</xml>[ \t\r\n]*")
+_PLAIN_LEAF = re.compile(_LEAF)
+_ROOT_OPEN = len("<xml>")
+
+
+def _plain_dict(text: str) -> dict[str, Any] | None:
+    """{tag: text} for a document of WeCom's plain shape (see _PLAIN_DOC), None for any other document."""
+    if _PLAIN_DOC.fullmatch(text) is None:
+        return None
+    data: dict[str, Any] = {}
+    # Within a matching document the leaves follow each other, so findall visits exactly the root's children.
+    for tag, cdata, plain in _PLAIN_LEAF.findall(text, _ROOT_OPEN):
+        value = cdata + plain  # one of the two is always ""
+        if tag in data:
+            existing = data[tag]
+            if isinstance(existing, list):
+                existing.append(value)
+            else:
+                data[tag] = [existing, value]
+        else:
+            data[tag] = value
+    return data
+
+
+def _xml_to_dict(text: str) -> dict[str, Any]:
+    data = _plain_dict(text)
+    if data is not None:
+        return data
+    try:
+        return _flat_dict(text)
+    except _Forbidden:
+        raise CallbackParseError("XML with a DTD, entities or external references is not accepted") from None
+    except ExpatError:
+        raise CallbackParseError("malformed XML") from None
+    except _NotFlat:
+        return _tree_to_dict(text)  # rare: nested elements take the tree path, with its depth limit
 
 
 def _decode(body: bytes) -> str:
@@ -152,7 +267,12 @@ def _decode(body: bytes) -> str:
 
 def parse_envelope(body: bytes) -> str:
     """The `Encrypt` value of a POSTed callback envelope (reference §1.2)."""
-    data = _xml_to_dict(_decode(body))
+    return parse_envelope_text(_decode(body))
+
+
+def parse_envelope_text(text: str) -> str:
+    """`parse_envelope` for a body already decoded from UTF-8."""
+    data = _xml_to_dict(text)
     encrypted = data.get("Encrypt")
     if not isinstance(encrypted, str) or not encrypted.strip():
         raise CallbackParseError("envelope has no Encrypt element")
