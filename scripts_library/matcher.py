@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import ahocorasick  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
 from scripts_library.model import LIMITS, Library, Script, Variant
-from scripts_library.text import core_span, normalize, normalize_phrase
+from scripts_library.text import core_span, normalize, normalize_phrase, normalize_term, required_literal
 
 PHRASE_STRENGTH = 100  # an exact phrase is more specific than any number of keywords
 
@@ -108,36 +109,94 @@ def choose_variant(script: Script, tags: frozenset[str], customer_id: str) -> tu
     return group[-1], kind  # unreachable: the buckets cover the total weight
 
 
+@dataclass(frozen=True, slots=True)
+class _Term:
+    """What finding one normalised term in a message means: which scripts it triggers, or may trigger."""
+
+    term: str
+    any_of: tuple[int, ...] = ()  # scripts with it in keywords_any
+    all_of: tuple[int, ...] = ()  # scripts with it in keywords_all
+    anchor_of: tuple[int, ...] = ()  # keywords_all scripts whose rarest required word it is
+    phrase_of: tuple[int, ...] = ()  # scripts with it as an exact phrase
+    regex_of: tuple[int, ...] = ()  # positions in Matcher._regexes whose required literal it is
+
+
 class Matcher:
-    """Built once per library: one Aho-Corasick automaton over every keyword and phrase, plus indexes."""
+    """Built once per library: one Aho-Corasick automaton over every keyword, phrase and regex literal, plus indexes.
+
+    `match` takes a short path: keywords_all scripts are found through their rarest word only, a regex runs only
+    when its required literal is in the text, and the winner is the first eligible script in rank order, with
+    no near-miss bookkeeping. `explain` does the full walk. Both choose the same winner.
+    """
 
     def __init__(self, library: Library) -> None:
         self.library = library
         self.scripts = library.scripts
         self._automaton = ahocorasick.Automaton()
-        terms: dict[str, list[tuple[int, str]]] = {}
+        any_of: dict[str, list[int]] = {}
+        all_of: dict[str, list[int]] = {}
+        phrase_of: dict[str, list[int]] = {}
+        regex_of: dict[str, list[int]] = {}
         self._required: list[frozenset[str]] = []
         self._regexes: list[tuple[int, str, re.Pattern[str]]] = []
+        self._unfiltered_regexes: tuple[int, ...] = ()  # positions of regexes without a usable literal
+        unfiltered: list[int] = []
+        self._regexes_of: dict[int, list[int]] = {}  # script -> its positions in _regexes
         self._by_menu: dict[str, list[int]] = {}
         self._by_event: dict[str, list[int]] = {}
         for index, script in enumerate(self.scripts):
             t = script.triggers
             for kw in t.keywords_any:
-                terms.setdefault(normalize(kw), []).append((index, "any"))
-            required = frozenset(normalize(kw) for kw in t.keywords_all)
+                terms_of = any_of.setdefault(normalize_term(kw), [])
+                if index not in terms_of[-1:]:  # two keywords may normalise alike; they count once
+                    terms_of.append(index)
+            required = frozenset(normalize_term(kw) for kw in t.keywords_all)
             self._required.append(required)
             for kw in required:
-                terms.setdefault(kw, []).append((index, "all"))
+                all_of.setdefault(kw, []).append(index)
             for phrase in t.phrases:
-                terms.setdefault(normalize_phrase(phrase), []).append((index, "phrase"))
+                phrases_of = phrase_of.setdefault(normalize_phrase(phrase), [])
+                if index not in phrases_of[-1:]:
+                    phrases_of.append(index)
             for pattern in t.regex:
+                literal = required_literal(pattern)
+                if literal:
+                    regex_of.setdefault(literal, []).append(len(self._regexes))
+                else:
+                    unfiltered.append(len(self._regexes))
+                self._regexes_of.setdefault(index, []).append(len(self._regexes))
                 self._regexes.append((index, pattern, re.compile(pattern, re.IGNORECASE)))
             for menu_id in t.menu_ids:
                 self._by_menu.setdefault(menu_id, []).append(index)
             for event in t.events:
                 self._by_event.setdefault(event, []).append(index)
-        for term, entries in terms.items():
-            self._automaton.add_word(term, (term, tuple(entries)))
+        self._unfiltered_regexes = tuple(unfiltered)
+        # The choice rule is (priority desc, audience strictness desc, strength desc, id). `_group` numbers the
+        # (priority, strictness) pairs in that order and `_id_rank` the ids, so that sorting the tuples
+        # (group, -strength, id rank, index) orders scripts exactly as `_decide`'s sort keys do.
+        scripts = self.scripts
+        groups = sorted({(-s.priority, -s.audience.strictness) for s in scripts})
+        group_of = {pair: n for n, pair in enumerate(groups)}
+        self._group: list[int] = [group_of[(-s.priority, -s.audience.strictness)] for s in scripts]
+        self._id_rank: list[int] = [0] * len(scripts)
+        for position, index in enumerate(sorted(range(len(scripts)), key=lambda i: scripts[i].id)):
+            self._id_rank[index] = position
+        anchor_of: dict[str, list[int]] = {}
+        for index, required in enumerate(self._required):
+            if required:
+                anchor = min(required, key=lambda kw: (len(all_of[kw]), kw))
+                anchor_of.setdefault(anchor, []).append(index)
+        terms = {*any_of, *all_of, *phrase_of, *regex_of}
+        for term in terms:
+            entry = _Term(
+                term,
+                tuple(any_of.get(term, ())),
+                tuple(all_of.get(term, ())),
+                tuple(anchor_of.get(term, ())),
+                tuple(phrase_of.get(term, ())),
+                tuple(regex_of.get(term, ())),
+            )
+            self._automaton.add_word(term, entry)
         self._has_terms = bool(terms)
         if self._has_terms:
             self._automaton.make_automaton()
@@ -149,17 +208,22 @@ class Matcher:
         any_found: dict[int, set[str]] = {}
         all_found: dict[int, set[str]] = {}
         phrase_found: dict[int, str] = {}
+        regex_due: set[int] = set(self._unfiltered_regexes)
         lo, hi = core_span(norm)
+        limit = LIMITS.regex_input_chars
         if self._has_terms and norm:
-            for end, (term, entries) in self._automaton.iter(norm):
-                start = end - len(term) + 1
-                for index, kind in entries:
-                    if kind == "any":
-                        any_found.setdefault(index, set()).add(term)
-                    elif kind == "all":
-                        all_found.setdefault(index, set()).add(term)
-                    elif start == lo and end == hi - 1:
+            entry: _Term
+            for end, entry in self._automaton.iter(norm):
+                term = entry.term
+                for index in entry.any_of:
+                    any_found.setdefault(index, set()).add(term)
+                for index in entry.all_of:
+                    all_found.setdefault(index, set()).add(term)
+                if entry.phrase_of and end - len(term) + 1 == lo and end == hi - 1:
+                    for index in entry.phrase_of:
                         phrase_found[index] = term
+                if entry.regex_of and end < limit:
+                    regex_due.update(entry.regex_of)
         hits: dict[int, _Hit] = {}
         partial: dict[int, str] = {}
         for index, found in any_found.items():
@@ -178,8 +242,9 @@ class Matcher:
             hit = hits.setdefault(index, _Hit())
             hit.reasons.append(f"phrase {phrase!r}")
             hit.strength += PHRASE_STRENGTH
-        bounded = norm[: LIMITS.regex_input_chars]
-        for index, pattern, compiled in self._regexes:
+        bounded = norm[:limit]
+        for position in sorted(regex_due):  # in library order, as a full scan would run them
+            index, pattern, compiled = self._regexes[position]
             if compiled.search(bounded):
                 hit = hits.setdefault(index, _Hit())
                 hit.reasons.append(f"regex {pattern!r}")
@@ -187,6 +252,45 @@ class Matcher:
         for index in partial.keys() & hits.keys():
             del partial[index]
         return hits, partial
+
+    def _text_strengths(self, norm: str) -> dict[int, int]:
+        """`match`'s path: the strength of every script whose text triggers fire, and nothing else."""
+        strength: dict[int, int] = {}
+        seen: set[str] = set()
+        anchors: list[_Term] = []
+        regex_due: set[int] = set(self._unfiltered_regexes)
+        lo, hi = core_span(norm)
+        limit = LIMITS.regex_input_chars
+        if self._has_terms:
+            get = strength.get
+            entry: _Term
+            for end, entry in self._automaton.iter(norm):
+                term = entry.term
+                if term not in seen:  # keywords count once however often they occur
+                    seen.add(term)
+                    for index in entry.any_of:
+                        strength[index] = get(index, 0) + 1
+                    if entry.anchor_of:
+                        anchors.append(entry)
+                if entry.phrase_of and end - len(term) + 1 == lo and end == hi - 1:
+                    for index in entry.phrase_of:  # a message has one core, so each phrase counts once
+                        strength[index] = get(index, 0) + PHRASE_STRENGTH
+                if entry.regex_of and end < limit:
+                    regex_due.update(entry.regex_of)
+            required = self._required
+            for entry in anchors:
+                for index in entry.anchor_of:
+                    words = required[index]
+                    if words <= seen:
+                        strength[index] = get(index, 0) + len(words)
+        if regex_due:
+            bounded = norm[:limit]
+            regexes = self._regexes
+            for position in regex_due:
+                index, _, compiled = regexes[position]
+                if compiled.search(bounded):
+                    strength[index] = strength.get(index, 0) + 1
+        return strength
 
     def _id_hits(self, index: dict[str, list[int]], key: str, label: str) -> dict[int, _Hit]:
         return {i: _Hit([f"{label} {key!r}"], 1) for i in index.get(key, [])}
@@ -252,6 +356,83 @@ class Matcher:
                 return Explanation(winner, tuple(misses), norm)
         return Explanation(None, tuple(misses), norm)
 
+    def _first_eligible(self, strength: dict[int, int], query: Query, reasons: Callable[[int], _Hit]) -> Match | None:
+        """`_decide` without near misses: rank the triggered scripts and take the first one that may answer."""
+        if not strength:
+            return None
+        scripts = self.scripts
+        group = self._group
+        id_rank = self._id_rank
+        order = sorted([(group[i], -s, id_rank[i], i) for i, s in strength.items()])
+        tags = query.tags
+        for _, _, _, index in order:
+            script = scripts[index]
+            if not script.audience.admits(tags):
+                continue
+            if script.window is not None and script.window.why_inactive(query.now):
+                continue
+            if script.cooldown_seconds:
+                last = query.last_sent(script.id)
+                if last is not None and query.now - last < script.cooldown_seconds:
+                    continue
+            return self._decide({index: reasons(index)}, {}, query, [])  # the winner, worded as `explain` does
+        return None
+
+    def _text_hit(self, norm: str, index: int) -> _Hit:
+        """One script's text hit with its reasons, as `_text_hits` words them."""
+        hit = _Hit()
+        found: set[str] = set()
+        phrase = ""
+        lo, hi = core_span(norm)
+        required = self._required[index]
+        entry: _Term
+        for end, entry in self._automaton.iter(norm):
+            if index in entry.any_of:
+                found.add(entry.term)
+            if index in entry.phrase_of and end - len(entry.term) + 1 == lo and end == hi - 1:
+                phrase = entry.term
+        if found:
+            hit.reasons.append("keywords_any " + ",".join(sorted(found)))
+            hit.strength += len(found)
+        if required and all(kw in norm for kw in required):
+            hit.reasons.append("keywords_all " + ",".join(sorted(required)))
+            hit.strength += len(required)
+        if phrase:
+            hit.reasons.append(f"phrase {phrase!r}")
+            hit.strength += PHRASE_STRENGTH
+        bounded = norm[: LIMITS.regex_input_chars]
+        for position in self._regexes_of.get(index, ()):
+            _, pattern, compiled = self._regexes[position]
+            if compiled.search(bounded):
+                hit.reasons.append(f"regex {pattern!r}")
+                hit.strength += 1
+        return hit
+
     def match(self, query: Query) -> Match | None:
-        """The script and variant that answer this query, or None."""
-        return self.explain(query).winner
+        """The script and variant that answer this query, or None (the same winner `explain` names)."""
+        if query.menu_id:
+            menu = query.menu_id
+            found = dict.fromkeys(self._by_menu.get(menu, ()), 1)
+            winner = self._first_eligible(found, query, lambda _: _Hit([f"menu_id {menu!r}"], 1))
+            if winner is not None:
+                return winner
+        norm = normalize(query.text) if query.text else ""
+        if norm:
+            winner = self._first_eligible(self._text_strengths(norm), query, lambda i: self._text_hit(norm, i))
+            if winner is not None:
+                return winner
+        events: list[str] = []
+        if query.event:
+            events.append(query.event)
+        if query.text is not None and query.fallback_no_match and not query.event:
+            events.append("no_match")
+        for event in events:
+            found = dict.fromkeys(self._by_event.get(event, ()), 1)
+            winner = self._first_eligible(found, query, functools.partial(_event_hit, event))
+            if winner is not None:
+                return winner
+        return None
+
+
+def _event_hit(event: str, _index: int) -> _Hit:
+    return _Hit([f"event {event!r}"], 1)

@@ -20,11 +20,33 @@ def _t2s() -> OpenCC:
     return OpenCC("t2s")
 
 
+@lru_cache(maxsize=1)
+def _t2s_starters() -> frozenset[str] | None:
+    """The first characters of every t2s dictionary key (None if the converter's tables are not reachable).
+
+    The converter only ever replaces text where a key starts, so text without any of these converts to itself.
+    """
+    try:
+        refs: Any = _t2s()._get_dict_refs("t2s")
+        rounds = [r for r in (refs.round_1, refs.round_2, refs.round_3) if r]
+        return frozenset(key[0] for r in rounds for key in r.merged_map if key)
+    except (AttributeError, TypeError):
+        return None
+
+
 def normalize(text: str) -> str:
     """NFKC (full width -> half width), case-folded, traditional -> simplified, whitespace collapsed."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    simplified = str(_t2s().convert(folded))
-    return _SPACES.sub(" ", simplified).strip()
+    starters = _t2s_starters()
+    if starters is None or not starters.isdisjoint(folded):
+        folded = str(_t2s().convert(folded))
+    return _SPACES.sub(" ", folded).strip()
+
+
+@lru_cache(maxsize=65_536)
+def normalize_term(text: str) -> str:
+    """`normalize` for library terms (keywords, phrases), memoised: a library repeats its words many times."""
+    return normalize(text)
 
 
 def core_span(text: str) -> tuple[int, int]:
@@ -39,7 +61,7 @@ def core_span(text: str) -> tuple[int, int]:
 
 def normalize_phrase(text: str) -> str:
     """A phrase as it is compared: normalised, without edge punctuation."""
-    norm = normalize(text)
+    norm = normalize_term(text)
     start, end = core_span(norm)
     return norm[start:end]
 
@@ -186,6 +208,7 @@ def _unsafe(seq: Any) -> str:
     return ""
 
 
+@lru_cache(maxsize=16_384)  # pure: a reload re-checks the same patterns
 def regex_problem(pattern: str, max_chars: int) -> str:
     """Empty when the pattern compiles and is safe to run on untrusted text, else the cause."""
     if len(pattern) > max_chars:
@@ -197,3 +220,43 @@ def regex_problem(pattern: str, max_chars: int) -> str:
         return f"bad regex: {exc}"
     cause = _unsafe(list(parsed))
     return f"unsafe regex: {cause}" if cause else ""
+
+
+def _literal_char(c: str) -> str | None:
+    """`c` as it must appear in normalised text for a case-insensitive regex literal to match there; None when
+    that is not certain. Safe: ASCII digits and punctuation, ASCII letters lowered (normalised text is
+    case-folded) except i, k and s (which IGNORECASE also matches to ı, İ, K and ſ), and CJK characters."""
+    if c.isascii():
+        if c.isalpha():
+            return None if c in "iksIKS" else c.lower()
+        return c if c.isprintable() else None
+    code = ord(c)
+    if 0x3000 <= code <= 0x303F or 0x3400 <= code <= 0x4DBF or 0x4E00 <= code <= 0x9FFF:
+        return c
+    return None
+
+
+def required_literal(pattern: str) -> str:
+    """The longest run of literal characters any match of `pattern` must contain ("" if none is certain).
+
+    Only top-level literals of the pattern's main sequence count, and only characters `_literal_char` vouches
+    for; anything else (classes, repeats, groups, branches, anchors) ends a run. The matcher runs the regex
+    only on texts containing this literal, which cannot change whether it matches.
+    """
+    try:
+        parsed = _sre.parse(pattern, re.IGNORECASE)
+    except (re.error, RecursionError):
+        return ""
+    best = ""
+    run: list[str] = []
+    for op, av in parsed:
+        char = _literal_char(chr(av)) if str(op) == "LITERAL" else None
+        if char is not None:
+            run.append(char)
+            continue
+        if len(run) > len(best):
+            best = "".join(run)
+        run = []
+    if len(run) > len(best):
+        best = "".join(run)
+    return best
