@@ -6,8 +6,10 @@ import asyncio
 import base64
 import contextlib
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import redis.asyncio as redis_asyncio
@@ -24,15 +26,16 @@ from bot.pipeline import Pipeline
 from bot.queue import InboundQueue
 from bot.redis_conn import create_redis
 from bot.redis_keys import RedisKeys
-from bot.settings import Settings
+from bot.settings import Settings, SettingsError
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
 from bot.storage.repositories import Repositories
 from bot.wecom.client import RobotClient, WeComClient
 from bot.wecom.crypto import CallbackCrypto
 from bot.worker import WorkerRuntime
-from handlers.acknowledge import acknowledge_customer_text
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Clock, SystemClock
+from handlers.scripted import contact_added_without_welcome_code, contact_welcome, kf_welcome, scripted_reply
+from scripts_library import Library, Matcher, Problem, load_library
 
 log = structlog.get_logger(__name__)
 
@@ -61,9 +64,84 @@ def sandbox_settings(settings: Settings) -> Settings:
     )
 
 
+class ScriptLibraryError(SettingsError):
+    """SCRIPTS_PATH names a library the validator refuses; start-up stops with every problem listed."""
+
+    def __init__(self, path: Path, problems: list[Problem]) -> None:
+        shown = [f"  {problem}" for problem in problems[:50]]
+        if len(problems) > len(shown):
+            shown.append(f"  ... and {len(problems) - len(shown)} more")
+        super().__init__(
+            f"SCRIPTS_PATH: the script library at {path} is invalid ({len(problems)} problem(s); "
+            "`wecom-bot scripts validate` shows them too):\n" + "\n".join(shown)
+        )
+        self.path = path
+        self.problems = problems
+
+
+class ScriptBook:
+    """The script library in use, with its matcher; `reload()` swaps both at once or keeps the last good one.
+
+    Readers take `matcher` once per message (it carries its library), so a reload between two messages is
+    atomic for each of them.
+    """
+
+    def __init__(self, path: Path, library: Library) -> None:
+        self.path = path
+        self._matcher = Matcher(library)
+        self._lock = threading.Lock()
+        self.last_problems: list[Problem] = []
+
+    @classmethod
+    def load(cls, path: Path) -> ScriptBook:
+        """Load and validate the library at path; ScriptLibraryError lists the problems when it is invalid."""
+        result = load_library(path)
+        if not isinstance(result, Library):
+            raise ScriptLibraryError(path, result)
+        log.info("script library loaded", path=str(path), scripts=len(result.scripts))
+        return cls(path, result)
+
+    @property
+    def matcher(self) -> Matcher:
+        return self._matcher
+
+    @property
+    def library(self) -> Library:
+        return self._matcher.library
+
+    def reload(self) -> bool:
+        """Load the library again; on problems keep serving the last good one and log why. True when swapped."""
+        with self._lock:
+            try:
+                result = load_library(self.path)
+            except Exception as exc:  # an unreadable folder must not take the bot down either
+                log.warning("script library reload failed; keeping the last good one", error=repr(exc))
+                return False
+            if not isinstance(result, Library):
+                self.last_problems = result
+                log.warning(
+                    "script library invalid; keeping the last good one",
+                    path=str(self.path),
+                    problems=[str(p) for p in result[:20]],
+                    count=len(result),
+                )
+                return False
+            self._matcher = Matcher(result)  # one reference swap: readers see the old or the new, never a mix
+            self.last_problems = []
+            log.info("script library reloaded", path=str(self.path), scripts=len(result.scripts))
+            return True
+
+
 def build_dispatcher() -> Dispatcher:
-    """Handlers in the order they are tried; the first that answers wins."""
-    return Dispatcher([acknowledge_customer_text])
+    """Handlers in the order they are tried; the first that answers wins.
+
+    1. kf enter_session with a welcome_code → welcome through send_msg_on_event
+    2. 客户联系 add_external_contact with a WelcomeCode → welcome through send_welcome_msg
+    3. add_external_contact without one → nothing sent (WeCom says the welcome is not ours, reference §3.1)
+    4. customer text (kf origin 3) and app messages, menu clicks included → the matched script, else no_match
+    Everything else (kf origin 4/5, other events) falls through unanswered.
+    """
+    return Dispatcher([kf_welcome, contact_welcome, contact_added_without_welcome_code, scripted_reply])
 
 
 @dataclass
@@ -84,6 +162,7 @@ class Services:
     robot: RobotClient
     crypto: CallbackCrypto
     pipeline: Pipeline
+    scripts: ScriptBook
     workers: list[WorkerRuntime] = field(default_factory=list)
 
 
@@ -108,6 +187,7 @@ async def open_services(
     """Open every resource for `settings` and close them in reverse order."""
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
+    scripts = ScriptBook.load(settings.scripts_dir)  # before any resource: an invalid library stops start-up
     keys = RedisKeys(settings.redis_key_prefix)
     redis = create_redis(settings)
     engine = create_engine(settings)
@@ -137,7 +217,7 @@ async def open_services(
         robot = RobotClient(http, settings.wecom_api_base, metrics=metrics)
         puller = KfPuller(kf_client, queue, repos.cursors, redis, keys)
         sender = WeComSender(app_client, kf_client, settings.wecom_agent_id)
-        pipeline = Pipeline(repos, build_dispatcher(), sender, puller, clock)
+        pipeline = Pipeline(repos, build_dispatcher(), sender, puller, clock, scripts=scripts)
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
         yield Services(
             settings=settings,
@@ -154,6 +234,7 @@ async def open_services(
             robot=robot,
             crypto=crypto,
             pipeline=pipeline,
+            scripts=scripts,
         )
     finally:
         await http.close()

@@ -9,18 +9,24 @@ import structlog
 
 from bot.outbound import reply_idempotency_key
 from bot.queue import MalformedEntry, QueueEntry
-from bot.storage.models import MessageStatus
-from bot.storage.repositories import Repositories
+from bot.storage.models import AnswerStatus, MessageStatus
+from bot.storage.repositories import InboundRecord, Repositories
 from bot.wecom.errors import WeComApiError
 from bot.wecom.parse import CallbackParseError, kf_message_to_inbound, parse_plaintext, to_inbound
 from handlers.dispatcher import Dispatcher
-from handlers.domain import Clock, HandlerContext, InboundMessage, OutboundMessage
+from handlers.domain import Channel, Clock, HandlerContext, InboundMessage, OutboundMessage
+from scripts_library import Matcher
 
 log = structlog.get_logger(__name__)
 
 # kf/send_msg rejects a msgid already used in the account (reference §4.3). Which errcode real WeCom uses is not
 # documented (reference open question 5); 40058 (invalid parameter) is our reading, and the simulator's.
 DUPLICATE_MSGID_ERRCODE = 40058
+
+# kf/send_msg: at most 5 messages per customer message (reference §4.3).
+KF_MAX_REPLIES_PER_MESSAGE = 5
+# kf/send_msg is allowed only in service states 0 and 1 (reference §4.1, §4.3): pool, human, ended are not ours.
+KF_STATES_WITHOUT_BOT_SENDS = frozenset({2, 3, 4})
 
 
 class ReplySender(Protocol):
@@ -29,6 +35,13 @@ class ReplySender(Protocol):
 
 class KfPullPort(Protocol):
     async def pull(self, open_kfid: str, token: str) -> int: ...
+
+
+class ScriptSource(Protocol):
+    """Where the current script library comes from (bot.app.ScriptBook); read once per message."""
+
+    @property
+    def matcher(self) -> Matcher: ...
 
 
 class Pipeline:
@@ -41,12 +54,15 @@ class Pipeline:
         sender: ReplySender,
         kf_puller: KfPullPort,
         clock: Clock,
+        *,
+        scripts: ScriptSource | None = None,
     ) -> None:
         self._repos = repos
         self._dispatcher = dispatcher
         self._sender = sender
         self._kf_puller = kf_puller
         self._clock = clock
+        self._scripts = scripts
 
     async def process(self, entry: QueueEntry) -> None:
         """Handle one entry; raising leaves it pending so the worker retries (then dead-letters) it."""
@@ -80,17 +96,99 @@ class Pipeline:
             bound.info("unknown message type stored", wecom_type=_wecom_type(message.raw))
             await messages.mark_status(record.id, MessageStatus.UNKNOWN)
             return
-        dispatch = await self._dispatcher.dispatch(message, HandlerContext(clock=self._clock))
-        for seq, reply in enumerate(dispatch.replies):
-            await self._send_once(record.id, message, seq, reply)
+        context = await self._context(message, record)
+        dispatch = await self._dispatcher.dispatch(message, context)
+        replies = list(dispatch.replies)
+        if message.channel is Channel.KF and len(replies) > KF_MAX_REPLIES_PER_MESSAGE:
+            bound.warning(
+                "kf replies truncated to the per-message quota",
+                handler=dispatch.handler_name,
+                wanted=len(replies),
+                kept=KF_MAX_REPLIES_PER_MESSAGE,
+            )
+            replies = replies[:KF_MAX_REPLIES_PER_MESSAGE]
+        suppressed = await self._kf_state_forbids_sends(message, record, replies)
+        if suppressed is not None:
+            bound.info("kf session not served by the bot; replies not sent", kf_service_state=suppressed)
+        outcomes: list[bool | None] = []
+        for seq, reply in enumerate(replies):
+            if suppressed is not None and reply.channel is Channel.KF and not reply.welcome_code:
+                outcomes.append(None)
+                continue
+            outcomes.append(await self._send_once(record.id, message, seq, reply))
+        await self._record_answers(record, message, context, replies, outcomes)
         await messages.mark_handled(record.id, dispatch.handler_name)
-        bound.info("message handled", handler=dispatch.handler_name, replies=len(dispatch.replies))
+        bound.info("message handled", handler=dispatch.handler_name, replies=len(replies))
 
-    async def _send_once(self, inbound_id: int, message: InboundMessage, seq: int, reply: OutboundMessage) -> None:
+    async def _context(self, message: InboundMessage, record: InboundRecord) -> HandlerContext:
+        """What the handlers get: the current matcher, and the customer's tags, name and script history."""
+        context = HandlerContext(clock=self._clock)
+        if self._scripts is None:
+            return context
+        context.matcher = self._scripts.matcher  # taken once: a reload mid-message does not mix libraries
+        if record.customer_id is not None and message.channel is not Channel.APP:
+            # App senders are staff members: never tagged, and their answers need no cooldown history.
+            context.tags = await self._repos.tags.customer_tags(record.customer_id)
+        if record.customer_id is not None:
+            last_sent = await self._repos.answers.last_sent_times(record.customer_id)
+            context.last_sent = last_sent.get
+            customer = await self._repos.conversations.get_customer(message.channel, message.sender_id)
+            context.customer_name = customer.name if customer is not None else None
+        return context
+
+    async def _kf_state_forbids_sends(
+        self, message: InboundMessage, record: InboundRecord, replies: list[OutboundMessage]
+    ) -> int | None:
+        """The stored kf service state when it rules out kf/send_msg (2 pool, 3 human, 4 ended), else None.
+
+        Unknown (never stored) counts as sendable: WeCom answers 95018 then, which fails the reply cleanly.
+        """
+        needs_send_msg = any(r.channel is Channel.KF and not r.welcome_code for r in replies)
+        if not needs_send_msg or record.conversation_id is None:
+            return None
+        conversation = await self._repos.conversations.get_conversation(record.conversation_id)
+        state = conversation.kf_service_state if conversation is not None else None
+        return state if state in KF_STATES_WITHOUT_BOT_SENDS else None
+
+    async def _record_answers(
+        self,
+        record: InboundRecord,
+        message: InboundMessage,
+        context: HandlerContext,
+        replies: list[OutboundMessage],
+        outcomes: list[bool | None],
+    ) -> None:
+        """One answers row per script that answered: script, variant, customer, tags then, and the outcome."""
+        by_script: dict[str, list[tuple[OutboundMessage, bool | None]]] = {}
+        for reply, outcome in zip(replies, outcomes, strict=True):
+            if reply.script_id is not None:
+                by_script.setdefault(reply.script_id, []).append((reply, outcome))
+        for script_id, sent in by_script.items():
+            first = sent[0][0]
+            if any(outcome for _, outcome in sent):
+                status = AnswerStatus.SENT
+            elif all(outcome is None for _, outcome in sent):
+                status = AnswerStatus.SUPPRESSED
+            else:
+                status = AnswerStatus.FAILED
+            await self._repos.answers.record_answer(
+                inbound_message_id=record.id,
+                customer_id=record.customer_id,
+                channel=message.channel,
+                script_id=script_id,
+                variant=first.variant or "",
+                assignment=first.assignment or "",
+                tags=context.tags,
+                status=status,
+                replies=len(sent),
+            )
+
+    async def _send_once(self, inbound_id: int, message: InboundMessage, seq: int, reply: OutboundMessage) -> bool:
+        """Send one reply at most once; True when WeCom has it (now or earlier), False when it was refused."""
         key = reply_idempotency_key(message.channel.value, message.msgid, seq)
         reserved = await self._repos.outbox.reserve_reply(inbound_id, seq, reply, key)
         if reserved.sent:
-            return
+            return True
         # An earlier process() run reserved this row, so an earlier attempt may have reached WeCom.
         resend = not reserved.created or reserved.attempts > 0
         try:
@@ -103,18 +201,19 @@ class Pipeline:
                 # On a reply's first, certain try the same errcode is a plain invalid-parameter answer instead.
                 log.info("reply already accepted by WeCom", outbox_id=reserved.id)
                 await self._repos.outbox.mark_sent(reserved.id, None)
-                return
+                return True
             await self._repos.outbox.mark_failed(reserved.id, f"errcode={exc.errcode} {exc.errmsg}")
             if exc.retryable:
                 raise
             # State, quota window, parameters, permissions: a retry would hit the same wall, so the reply is
             # recorded as failed and the message still counts as handled.
             log.warning("reply refused by WeCom", path=exc.path, errcode=exc.errcode, outbox_id=reserved.id)
-            return
+            return False
         except Exception as exc:
             await self._repos.outbox.mark_failed(reserved.id, type(exc).__name__)
             raise
         await self._repos.outbox.mark_sent(reserved.id, provider_msgid)
+        return True
 
 
 def _wecom_type(raw: Mapping[str, Any]) -> str:

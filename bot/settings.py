@@ -63,6 +63,9 @@ class Settings(BaseSettings):
 
     sandbox_sim_port: int = Field(default=8081, ge=0, le=65535)
 
+    # The script library (话术库) folder; loaded and validated once at start-up. Empty: the packaged library.
+    scripts_path: str = ""
+
     @field_validator("wecom_aes_key")
     @classmethod
     def _aes_key_shape(cls, value: str) -> str:
@@ -122,6 +125,15 @@ class Settings(BaseSettings):
     @property
     def kf_secret(self) -> str:
         return self.wecom_kf_secret or self.wecom_secret
+
+    @property
+    def scripts_dir(self) -> Path:
+        """The script library folder: SCRIPTS_PATH, or the library packaged with the bot."""
+        if self.scripts_path:
+            return Path(self.scripts_path)
+        from scripts_library import DEFAULT_LIBRARY
+
+        return DEFAULT_LIBRARY
 
     @property
     def embedded_redis(self) -> bool:

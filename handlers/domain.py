@@ -6,7 +6,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from scripts_library import Matcher
 
 
 class Channel(StrEnum):
@@ -57,6 +60,9 @@ class OutboundMessage:
     msgtype: str  # text, markdown, msgmenu, ...
     content: Mapping[str, Any]  # the msgtype-specific body, e.g. {"content": "你好"}
     welcome_code: str | None = None  # send through send_msg_on_event / send_welcome_msg instead
+    script_id: str | None = None  # the library script that produced this reply, if any
+    variant: str | None = None  # the variant of that script (per-tag, default or the sticky A/B pick)
+    assignment: str | None = None  # how the variant was chosen: tag, default, ab, tag+ab
 
 
 class Unhandled:
@@ -87,12 +93,29 @@ class SystemClock:
         return time.time()
 
 
+def never_sent(_script_id: str) -> float | None:
+    """The default `last_sent` lookup: no script was ever sent to this customer."""
+    return None
+
+
 @dataclass(slots=True)
 class HandlerContext:
-    """What a handler may use besides the message itself."""
+    """What a handler may use besides the message itself.
+
+    The pipeline fills the script-related fields before dispatch: the library's matcher as it is right now
+    (a reload swaps it between messages, never during one), the customer's tags and name, and when each
+    script last went to this customer (for cooldowns).
+    """
 
     clock: Clock
     extras: dict[str, Any] = field(default_factory=dict)
+    matcher: Matcher | None = None
+    tags: frozenset[str] = frozenset()
+    customer_name: str | None = None
+    last_sent: Callable[[str], float | None] = never_sent
+
+    def now(self) -> float:
+        return self.clock.now()
 
 
 HandlerResult = Sequence[OutboundMessage] | Unhandled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,6 @@ from bot.wecom.simulator import (
     push_kf_customer_message,
     redeliver,
 )
-from handlers.acknowledge import ACKNOWLEDGEMENT
 from handlers.domain import Channel
 from tests.conftest import (
     TEST_AES_KEY,
@@ -32,6 +32,7 @@ from tests.conftest import (
     Backend,
     make_settings,
 )
+from tests.scripts_expect import scripted_replies
 
 DEADLINE_S = 15.0
 
@@ -45,6 +46,13 @@ class Stack:
 
 @pytest.fixture
 async def stack(backend: Backend) -> AsyncIterator[Stack]:
+    async with open_stack(backend) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def open_stack(backend: Backend) -> AsyncIterator[Stack]:
+    """The simulator and the bot (server, in-process workers) wired to each other over real HTTP."""
     config = SimulatorConfig(
         corp_id=TEST_CORP_ID,
         agent_id=TEST_AGENT_ID,
@@ -89,8 +97,9 @@ async def handled_count(stack: Stack, channel: Channel) -> int:
     )
 
 
-async def test_kf_customer_gets_exactly_one_acknowledgement(stack: Stack) -> None:
-    push_kf_customer_message(stack.sim, "wmCustomerA", "你好，请问怎么下单？")
+async def test_kf_customer_gets_exactly_one_scripted_reply(stack: Stack) -> None:
+    text = "你好，请问怎么下单？"
+    push_kf_customer_message(stack.sim, "wmCustomerA", text)
 
     sent = await stack.sim.wait_sent(0, count=1, wait_s=DEADLINE_S, recipient="wmCustomerA")
     await until(lambda: _is(handled_count(stack, Channel.KF), 1), "the message to be marked handled")
@@ -99,7 +108,11 @@ async def test_kf_customer_gets_exactly_one_acknowledgement(stack: Stack) -> Non
     assert len(replies) == 1, replies
     assert sent[0].api.endswith("kf/send_msg")
     assert sent[0].accepted
-    assert sent[0].content == {"content": ACKNOWLEDGEMENT}
+    assert [sent[0].content] == scripted_replies(text, customer="wmCustomerA")
+    customer = await stack.services.repos.conversations.get_customer(Channel.KF, "wmCustomerA")
+    assert customer is not None
+    [answer] = await stack.services.repos.answers.answers_for_customer(customer.id)
+    assert answer.replies == 1 and answer.status == "sent"
 
 
 async def test_callback_retries_and_concurrent_duplicates_produce_one_reply(stack: Stack) -> None:
@@ -128,10 +141,10 @@ async def test_two_customer_messages_two_replies_in_order(stack: Stack) -> None:
 
 
 async def test_staff_app_message_is_answered_through_message_send(stack: Stack) -> None:
-    push_app_message(stack.sim, "zhangsan", "测试一下")
+    push_app_message(stack.sim, "zhangsan", "测试一下")  # matches nothing: the polite no-match answer
     sent = await stack.sim.wait_sent(0, count=1, wait_s=DEADLINE_S, recipient="zhangsan")
     assert sent[0].api.endswith("message/send")
-    assert sent[0].content == {"content": ACKNOWLEDGEMENT}
+    assert [sent[0].content] == scripted_replies("测试一下", customer="zhangsan")
     await until(lambda: _is(handled_count(stack, Channel.APP), 1), "the app message to be handled")
 
 

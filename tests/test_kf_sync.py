@@ -38,7 +38,6 @@ from bot.wecom.simulator import (
     create_simulator,
     push_kf_customer_message,
 )
-from handlers.acknowledge import ACKNOWLEDGEMENT
 from tests.conftest import (
     TEST_AES_KEY,
     TEST_AGENT_ID,
@@ -49,6 +48,7 @@ from tests.conftest import (
     Backend,
     make_settings,
 )
+from tests.scripts_expect import scripted_replies
 
 KFID = DEFAULT_OPEN_KFID
 SYNC_PATH = "/cgi-bin/kf/sync_msg"
@@ -197,6 +197,7 @@ class Harness:
             sender,
             puller if puller is not None else self.puller(),
             self.clock,
+            scripts=s.scripts,
         )
 
     async def other_redis(self) -> redis_asyncio.Redis:
@@ -584,4 +585,4 @@ async def test_kf_pull_entry_pulls_with_the_callback_token(h: Harness) -> None:
     assert [e.kind for e in entries] == ["kf_message"]
     sent = h.sim.sent_after(0, "wmEntry")
     assert [(s.api, s.status) for s in sent] == [("kf/send_msg", "delivered")]
-    assert sent[0].content == {"content": ACKNOWLEDGEMENT}
+    assert [sent[0].content] == scripted_replies("在吗", customer="wmEntry")

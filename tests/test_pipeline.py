@@ -27,10 +27,10 @@ from bot.wecom.simulator import (
     push_kf_servicer_message,
 )
 from bot.wecom.simulator.state import KF_QUOTA_PER_CUSTOMER_MSG, KF_SESSION_HUMAN, Fault
-from handlers.acknowledge import ACKNOWLEDGEMENT
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Channel, HandlerContext, HandlerResult, InboundMessage, OutboundMessage
 from tests.conftest import TEST_AGENT_ID, TEST_SECRET, Backend
+from tests.scripts_expect import event_replies, scripted_replies
 from tests.test_kf_sync import KFID, Harness, callback_token, open_harness
 
 SEND_PATH = "/cgi-bin/kf/send_msg"
@@ -82,7 +82,7 @@ async def test_customer_text_is_answered_once_via_kf_send_msg(h: Harness) -> Non
 
     assert sends(h, "wmCust") == [("kf/send_msg", "delivered", 0)]
     sent = h.sim.sent_after(0, "wmCust")[0]
-    assert sent.content == {"content": ACKNOWLEDGEMENT}
+    assert [sent.content] == scripted_replies("你好", customer="wmCust")
     assert sent.account == KFID
     record = await inbound(h, item)
     assert record.status is MessageStatus.HANDLED
@@ -164,12 +164,18 @@ async def test_system_events_are_stored_without_a_reply(h: Harness, event_type: 
 
 
 @pytest.mark.parametrize("with_code", [True, False])
-async def test_enter_session_is_stored_without_a_reply(h: Harness, with_code: bool) -> None:
+async def test_enter_session_is_stored_and_welcomed_only_with_a_code(h: Harness, with_code: bool) -> None:
     item, code, delivery = push_kf_enter_session(h.sim, "wmEnter", scene="qr", welcome_code=with_code)
     entry = await one_entry(h, item, callback_token(delivery))
     await h.pipeline().process(entry)
+    await h.pipeline().process(entry)  # a redelivery does not welcome twice
 
-    assert h.sim.sent == []
+    if with_code:
+        # The welcome goes through send_msg_on_event with the single-use code, never kf/send_msg.
+        assert [(s.api, s.status) for s in h.sim.sent] == [("kf/send_msg_on_event", "delivered")]
+        assert [h.sim.sent[0].content] == event_replies("kf_session_entered")
+    else:
+        assert h.sim.sent == []
     record = await inbound(h, item)
     assert record.status is MessageStatus.HANDLED
     stored = await h.services.repos.messages.get_message(record.id)
@@ -467,7 +473,7 @@ async def test_app_message_resend_uses_the_duplicate_check(h: Harness) -> None:
     for payload in app_api.payloads:
         assert payload["agentid"] == TEST_AGENT_ID
         assert payload["touser"] == "zhangsan"
-        assert payload["text"] == {"content": ACKNOWLEDGEMENT}
+        assert [payload["text"]] == scripted_replies("测试", customer="zhangsan")
     # WeCom's duplicate check suppressed the resend: the member got one message.
     assert [(s.api, s.status) for s in h.sim.sent_after(0, "zhangsan")] == [
         ("message/send", "delivered"),

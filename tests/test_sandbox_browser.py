@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from handlers.acknowledge import ACKNOWLEDGEMENT
+from tests.scripts_expect import scripted_text
 from tests.test_serve import BotServer, start_server
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ def test_sandbox_page_chat_in_chromium(chromium: str, server: BotServer, tmp_pat
 
             bot = page.locator(".msg.bot .bubble")
             expect(bot).to_have_count(1)
-            expect(bot).to_have_text(ACKNOWLEDGEMENT)
+            expect(bot).to_have_text(scripted_text(text))
 
             # Enter sends too.
             page.get_by_label("message").fill("第二个问题")

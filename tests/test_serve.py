@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bot.serve import connect_host
-from handlers.acknowledge import ACKNOWLEDGEMENT
+from tests.scripts_expect import scripted_replies, scripted_text
 
 pytestmark = pytest.mark.slow
 
@@ -219,15 +219,15 @@ def test_sandbox_serve_end_to_end(sandbox_server: BotServer) -> None:
     status, page = call("GET", server.url("/sandbox"))
     assert status == 200 and b"<form" in page
 
-    # A customer writes; the bot's acknowledgement arrives through the simulator's kf/send_msg.
+    # A customer writes; the bot's scripted answer arrives through the simulator's kf/send_msg.
     customer = "wmServeTest01"
     text = "我的订单 A-1234 还没到，秘密内容"
     pushed = customer_says(server, customer, text)
     first = sent_to(server, customer, after=0, wait_s=STEP_DEADLINE_S)
-    assert [r["content"] for r in first["sent"]] == [{"content": ACKNOWLEDGEMENT}], first
+    assert [r["content"] for r in first["sent"]] == scripted_replies(text, customer=customer), first
     assert first["sent"][0]["api"] == "kf/send_msg" and first["sent"][0]["accepted"]
 
-    # WeCom retries the same callback: still exactly one acknowledgement once everything settled.
+    # WeCom retries the same callback: still exactly one answer once everything settled.
     redeliver = server.url(f"{SIM}/callbacks/{pushed['callback']['id']}/redeliver")
     status, redelivered = call("POST", redeliver, {"wait": True})
     assert status == 200, redelivered
@@ -346,7 +346,7 @@ def test_chat_command_talks_to_the_running_sandbox(sandbox_server: BotServer, tm
         proc.stdin.write("你好，请问营业时间？\n")
         proc.stdin.flush()
         reply = out.wait_for(lambda line: line.startswith("bot> "), "the bot's reply")
-        assert reply == f"bot> {ACKNOWLEDGEMENT}"
+        assert reply == f"bot> {scripted_text('你好，请问营业时间？', customer='wmChatTest01')}"
         proc.stdin.close()  # Ctrl-D
         assert proc.wait(timeout=STEP_DEADLINE_S) == 0
     finally:
@@ -367,7 +367,8 @@ def test_chat_command_with_piped_input_waits_for_the_replies(sandbox_server: Bot
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count(f"bot> {ACKNOWLEDGEMENT}") == 2, proc.stdout
+    replies = [f"bot> {scripted_text(t, customer='wmChatPipe01')}" for t in ("第一条", "第二条")]
+    assert sum(proc.stdout.count(r) for r in set(replies)) == 2, proc.stdout
     assert "you>" not in proc.stdout, "no prompts when the input is piped"
 
 

@@ -30,7 +30,7 @@ from bot.storage.repositories import Repositories
 from handlers.domain import Channel, InboundMessage, KfOrigin, OutboundMessage
 from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 
-TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "orders", "customer_tags"}
+TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "orders", "customer_tags", "answers"}
 T0 = 1_700_000_000
 
 

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 typed declarative models: customers, conversations, messages, outbox, kf cursors, orders, tags."""
+"""SQLAlchemy 2 typed declarative models: customers, conversations, messages, outbox, kf cursors, orders, tags,
+scripted answers."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class OutboxStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+
+
+class AnswerStatus(StrEnum):
+    SENT = "sent"  # at least one of its replies reached WeCom
+    FAILED = "failed"  # every reply was refused or failed
+    SUPPRESSED = "suppressed"  # not sent: the kf session is in the pool, with a human, or ended (states 2-4)
 
 
 class ConversationStatus(StrEnum):
@@ -239,3 +246,26 @@ class CustomerTag(Base):
     tag: Mapped[str] = mapped_column(String(64), primary_key=True)
     source: Mapped[str] = mapped_column(String(16), primary_key=True)
     set_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ScriptAnswer(Base):
+    """One scripted answer to one inbound message: the analytics record, and what cooldowns read."""
+
+    __tablename__ = "answers"
+    __table_args__ = (
+        UniqueConstraint("inbound_message_id", "script_id"),
+        Index(None, "customer_id", "script_id", "answered_at"),
+        Index(None, "script_id", "variant"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    inbound_message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id"))
+    customer_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("customers.id"))
+    channel: Mapped[str] = mapped_column(String(16))
+    script_id: Mapped[str] = mapped_column(String(128))
+    variant: Mapped[str] = mapped_column(String(128))
+    assignment: Mapped[str] = mapped_column(String(16))  # tag, default, ab, tag+ab
+    tags: Mapped[list[str]] = mapped_column(Json, default=list)  # the customer's tags when answered
+    status: Mapped[str] = mapped_column(String(16))
+    replies: Mapped[int] = mapped_column(Integer)
+    answered_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Result, case, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
 from bot.storage.models import (
+    AnswerStatus,
     Conversation,
     ConversationStatus,
     Customer,
@@ -26,9 +27,13 @@ from bot.storage.models import (
     MessageStatus,
     Outbox,
     OutboxStatus,
+    ScriptAnswer,
     UTCDateTime,
 )
 from handlers.domain import Channel, Clock, InboundMessage, KfOrigin, OutboundMessage, SystemClock
+
+if TYPE_CHECKING:
+    from bot.storage.tags_repository import TagRepository
 
 MAX_ERROR_CHARS = 2000
 _ACTIVE_CONVERSATION = text("status <> 'resolved'")  # must match the uq_conversations_active predicate
@@ -734,6 +739,116 @@ class KfCursorRepository(_Repository):
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerRecord:
+    """One scripted answer: which script and variant answered which message, for whom, with which tags."""
+
+    id: int
+    inbound_message_id: int
+    customer_id: int | None
+    channel: Channel
+    script_id: str
+    variant: str
+    assignment: str
+    tags: frozenset[str]
+    status: AnswerStatus
+    replies: int
+    answered_at: datetime
+
+
+def _answer_record(row: ScriptAnswer) -> AnswerRecord:
+    return AnswerRecord(
+        id=row.id,
+        inbound_message_id=row.inbound_message_id,
+        customer_id=row.customer_id,
+        channel=Channel(row.channel),
+        script_id=row.script_id,
+        variant=row.variant,
+        assignment=row.assignment,
+        tags=frozenset(row.tags or ()),
+        status=AnswerStatus(row.status),
+        replies=row.replies,
+        answered_at=row.answered_at,
+    )
+
+
+class AnswerRepository(_Repository):
+    """Scripted answers: the analytics record, and the "when did this script last reach this customer" lookup."""
+
+    async def record_answer(
+        self,
+        *,
+        inbound_message_id: int,
+        customer_id: int | None,
+        channel: Channel,
+        script_id: str,
+        variant: str,
+        assignment: str,
+        tags: frozenset[str],
+        status: AnswerStatus,
+        replies: int,
+    ) -> None:
+        """Insert the answer to a message, or update its outcome when a retried run records it again."""
+        now = self._now()
+        async with self._sessions.begin() as session:
+            stmt = _insert(session, ScriptAnswer).values(
+                inbound_message_id=inbound_message_id,
+                customer_id=customer_id,
+                channel=channel.value,
+                script_id=script_id,
+                variant=variant,
+                assignment=assignment,
+                tags=sorted(tags),
+                status=status.value,
+                replies=replies,
+                answered_at=now,
+            )
+            # The first recording keeps its variant, tags and time (what the customer got); only the outcome
+            # of the sends may move on a retry.
+            await session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[ScriptAnswer.inbound_message_id, ScriptAnswer.script_id],
+                    set_={"status": stmt.excluded.status, "replies": stmt.excluded.replies},
+                )
+            )
+
+    async def last_sent_times(self, customer_id: int) -> dict[str, float]:
+        """When each script was last sent to a customer (unix seconds), for cooldowns."""
+        stmt = (
+            select(ScriptAnswer.script_id, func.max(ScriptAnswer.answered_at))
+            .where(ScriptAnswer.customer_id == customer_id, ScriptAnswer.status == AnswerStatus.SENT.value)
+            .group_by(ScriptAnswer.script_id)
+        )
+        async with self._sessions() as session:
+            rows = (await session.execute(stmt)).all()
+        return {script_id: _as_utc(at).timestamp() for script_id, at in rows if at is not None}
+
+    async def answers_for_customer(self, customer_id: int) -> list[AnswerRecord]:
+        """Every answer a customer got, oldest first."""
+        stmt = select(ScriptAnswer).where(ScriptAnswer.customer_id == customer_id).order_by(ScriptAnswer.id)
+        async with self._sessions() as session:
+            return [_answer_record(row) for row in (await session.scalars(stmt)).all()]
+
+    async def answers_for(self, inbound_message_id: int) -> list[AnswerRecord]:
+        """The answer(s) recorded for one inbound message."""
+        stmt = (
+            select(ScriptAnswer)
+            .where(ScriptAnswer.inbound_message_id == inbound_message_id)
+            .order_by(ScriptAnswer.id)
+        )
+        async with self._sessions() as session:
+            return [_answer_record(row) for row in (await session.scalars(stmt)).all()]
+
+
+def _as_utc(value: datetime) -> datetime:
+    # func.max() skips the column type, so SQLite hands back a naive (UTC) datetime or even a string.
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
 class Repositories:
     """Every repository over one session factory, for wiring."""
 
@@ -741,13 +856,20 @@ class Repositories:
     outbox: OutboxRepository
     conversations: ConversationRepository
     cursors: KfCursorRepository
+    answers: AnswerRepository
+    tags: TagRepository
 
     @classmethod
     def create(cls, sessions: async_sessionmaker[AsyncSession], clock: Clock | None = None) -> Repositories:
         """Build all repositories sharing a session factory and clock."""
+        # tags_repository builds on this module's helpers, so it is imported here, not at the top.
+        from bot.storage.tags_repository import TagRepository
+
         return cls(
             messages=MessageRepository(sessions, clock),
             outbox=OutboxRepository(sessions, clock),
             conversations=ConversationRepository(sessions, clock),
             cursors=KfCursorRepository(sessions, clock),
+            answers=AnswerRepository(sessions, clock),
+            tags=TagRepository(sessions, clock),
         )
