@@ -135,7 +135,7 @@ async def test_kf_enter_session_gets_the_welcome_through_send_msg_on_event(stack
     customer_id = await customer_row(stack, Channel.KF, "wmWelcome")
     [answer] = await answers_of(stack, customer_id, 1)
 
-    [expected] = rendered("welcome.kf_session")
+    [expected] = rendered("welcome.kf_session", "default")
     assert bodies(sent) == [("kf/send_msg_on_event", "msgmenu", expected.content)]
     assert sent[0].accepted
     assert (answer.script_id, answer.variant, answer.status) == ("welcome.kf_session", "default", AnswerStatus.SENT)
@@ -222,7 +222,7 @@ async def test_app_message_gets_a_scripted_answer_through_message_send(stack: St
     sent = await stack.sim.wait_sent(0, count=1, wait_s=DEADLINE_S, recipient="zhangsan")
     customer_id = await customer_row(stack, Channel.APP, "zhangsan")
     [answer] = await answers_of(stack, customer_id, 1)
-    assert bodies(sent) == [("message/send", "text", {"content": reply_text("greeting.hello")})]
+    assert bodies(sent) == [("message/send", "text", {"content": reply_text("greeting.hello", "default")})]
     assert answer.script_id == "greeting.hello" and answer.tags == frozenset()
 
 

@@ -134,8 +134,19 @@ def test_active_window_and_daily_hours_with_an_injected_now(matcher: Matcher) ->
         return datetime(year, month, day, hour, minute, tzinfo=SHANGHAI).timestamp()
 
     assert ask(matcher, "618有什么活动", now=at(2025, 6, 10, 10, 0))[0] == "promo.618"
-    assert ask(matcher, "618有什么活动", now=at(2025, 6, 10, 7, 59))[0] == "fallback.no_match"  # before 08:00
-    assert ask(matcher, "618有什么活动", now=at(2025, 6, 19, 10, 0))[0] == "fallback.no_match"  # ended
+    # Outside its window the 618 script loses (and says why); the everyday promotions script answers instead.
+    early = matcher.explain(Query(text="618有什么活动", now=at(2025, 6, 10, 7, 59)))  # before 08:00
+    assert early.winner is not None and early.winner.script.id == "promo.activity"
+    assert [c.lost_because for c in early.near_misses if c.script.id == "promo.618"] == [
+        "window: daily 08:00-23:30 Asia/Shanghai, now 07:59"
+    ]
+    assert ask(matcher, "618有什么活动", now=at(2025, 6, 10, 7, 59))[0] == "promo.activity"
+    ended = matcher.explain(Query(text="618有什么活动", now=at(2025, 6, 19, 10, 0)))  # ended
+    assert ended.winner is not None and ended.winner.script.id == "promo.activity"
+    assert [c.lost_because for c in ended.near_misses if c.script.id == "promo.618"] == [
+        "window: ended 2025-06-19T00:00:00+08:00"
+    ]
+    assert ask(matcher, "618", now=at(2025, 6, 10, 7, 59))[0] == "fallback.no_match"  # only 618 was triggered
     explained = matcher.explain(Query(text="618", now=at(2025, 5, 1, 10, 0)))
     assert [c.lost_because for c in explained.near_misses] == ["window: starts 2025-06-01T00:00:00+08:00"]
 
@@ -160,10 +171,18 @@ def test_render_fills_placeholders_with_values_then_fallbacks(library: Library, 
 
 
 def test_render_refuses_a_missing_required_value(library: Library) -> None:
-    script = library.get("price.winback_silent")
+    # The shipped library only uses no-fallback placeholders with a fallback, so build one that does not.
+    text = "scripts:\n  - id: t\n    title: t\n    triggers: {keywords_any: [x]}\n"
+    text += "    reply: [{text: '{coupon_code}'}]\n"
+    bare = build_library({"s.yaml": text})
+    assert isinstance(bare, Library)
+    script = bare.get("t")
     assert script is not None
     with pytest.raises(RenderError, match=r"no value for \{coupon_code\}"):
-        render(library, script, script.variants[0], {"customer_name": "王芳"})
+        render(bare, script, script.variants[0], {"customer_name": "王芳"})
+    for shipped in library.scripts:  # and every shipped script renders with no values at all
+        for variant in shipped.variants:
+            render(library, shipped, variant, {})
     coupon = library.get("promo.coupon")
     assert coupon is not None  # this script declares its own fallback
     (msg,) = render(library, coupon, coupon.variants[0], {})
