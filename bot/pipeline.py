@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -14,7 +15,7 @@ from bot.storage.repositories import InboundRecord, Repositories
 from bot.wecom.errors import WeComApiError
 from bot.wecom.parse import CallbackParseError, kf_message_to_inbound, parse_plaintext, to_inbound
 from handlers.dispatcher import Dispatcher
-from handlers.domain import Channel, Clock, HandlerContext, InboundMessage, OutboundMessage
+from handlers.domain import Channel, Clock, HandlerContext, InboundMessage, KfOrigin, OutboundMessage
 from scripts_library import Matcher
 
 log = structlog.get_logger(__name__)
@@ -29,12 +30,30 @@ KF_MAX_REPLIES_PER_MESSAGE = 5
 KF_STATES_WITHOUT_BOT_SENDS = frozenset({2, 3, 4})
 
 
+# 客户联系 changes after which the contact's corp tags are read again, before dispatch (so a welcome sees them).
+CONTACT_TAG_SYNC_CHANGES = frozenset({"add_external_contact", "edit_external_contact", "add_half_external_contact"})
+TAG_DEFINITIONS_EVENT = "change_external_tag"  # corp tags or groups created, renamed, deleted, reordered (§3.2)
+# A sync runs before the welcome, whose code lives 20 s (§5.5): it gets a bounded share of that.
+TAG_SYNC_TIMEOUT_S = 5.0
+KF_ENTER_SESSION = "enter_session"
+
+
 class ReplySender(Protocol):
     async def send(self, reply: OutboundMessage, idempotency_key: str, *, resend: bool = False) -> str | None: ...
 
 
 class KfPullPort(Protocol):
     async def pull(self, open_kfid: str, token: str) -> int: ...
+
+
+class TagSyncPort(Protocol):
+    """WeCom corp tags into the customer's tags (bot.tag_sync.CorpTagSyncer)."""
+
+    async def sync_customer(self, external_userid: str) -> object: ...
+
+    async def sync_if_never_synced(self, customer_id: int, external_userid: str) -> bool: ...
+
+    def invalidate_tag_list(self) -> None: ...
 
 
 class ScriptSource(Protocol):
@@ -56,6 +75,8 @@ class Pipeline:
         clock: Clock,
         *,
         scripts: ScriptSource | None = None,
+        tag_syncer: TagSyncPort | None = None,
+        tag_sync_timeout_s: float = TAG_SYNC_TIMEOUT_S,
     ) -> None:
         self._repos = repos
         self._dispatcher = dispatcher
@@ -63,6 +84,8 @@ class Pipeline:
         self._kf_puller = kf_puller
         self._clock = clock
         self._scripts = scripts
+        self._tag_syncer = tag_syncer
+        self._tag_sync_timeout_s = tag_sync_timeout_s
 
     async def process(self, entry: QueueEntry) -> None:
         """Handle one entry; raising leaves it pending so the worker retries (then dead-letters) it."""
@@ -96,6 +119,7 @@ class Pipeline:
             bound.info("unknown message type stored", wecom_type=_wecom_type(message.raw))
             await messages.mark_status(record.id, MessageStatus.UNKNOWN)
             return
+        await self._sync_corp_tags(message, record)
         context = await self._context(message, record)
         dispatch = await self._dispatcher.dispatch(message, context)
         replies = list(dispatch.replies)
@@ -119,6 +143,44 @@ class Pipeline:
         await self._record_answers(record, message, context, replies, outcomes)
         await messages.mark_handled(record.id, dispatch.handler_name)
         bound.info("message handled", handler=dispatch.handler_name, replies=len(replies))
+
+    async def _sync_corp_tags(self, message: InboundMessage, record: InboundRecord) -> None:
+        """Bring the customer's WeCom corp tags up to date before dispatch; a failure only logs.
+
+        - 客户联系 add/edit/add_half: always re-read (the member may just have tagged the customer).
+        - change_external_tag: tag definitions changed, so the cached name → id list is dropped.
+        - kf customer messages and events: only a customer never synced (cheap check in the syncer).
+        """
+        syncer = self._tag_syncer
+        if syncer is None:
+            return
+        if message.channel is Channel.CONTACT and message.event == TAG_DEFINITIONS_EVENT:
+            syncer.invalidate_tag_list()
+            return
+        if not message.sender_id:
+            return
+        try:
+            if message.channel is Channel.CONTACT and message.event in CONTACT_TAG_SYNC_CHANGES:
+                await asyncio.wait_for(syncer.sync_customer(message.sender_id), self._tag_sync_timeout_s)
+            elif (
+                message.channel is Channel.KF
+                and record.customer_id is not None
+                and (
+                    message.origin == KfOrigin.CUSTOMER
+                    or (message.origin == KfOrigin.SYSTEM_EVENT and message.event == KF_ENTER_SESSION)
+                )
+            ):
+                await asyncio.wait_for(
+                    syncer.sync_if_never_synced(record.customer_id, message.sender_id), self._tag_sync_timeout_s
+                )
+        except Exception as exc:  # the tags are a nicety; the answer must still go out
+            log.warning(
+                "corp tag sync failed; answering with the tags stored",
+                channel=message.channel.value,
+                message_id=record.id,
+                error=type(exc).__name__,
+                errcode=getattr(exc, "errcode", None),
+            )
 
     async def _context(self, message: InboundMessage, record: InboundRecord) -> HandlerContext:
         """What the handlers get: the current matcher, and the customer's tags, name and script history."""
