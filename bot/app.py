@@ -7,6 +7,7 @@ import base64
 import contextlib
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,18 @@ from bot.pipeline import Pipeline
 from bot.queue import InboundQueue
 from bot.redis_conn import create_redis
 from bot.redis_keys import RedisKeys
+from bot.scripts_reload import ScriptsWatcher, Snapshot, StatSignature, load_with_snapshot, problems_summary
 from bot.settings import Settings, SettingsError
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
 from bot.storage.repositories import Repositories
+from bot.tag_sync import CorpTagSyncer
 from bot.wecom.client import RobotClient, WeComClient
 from bot.wecom.crypto import CallbackCrypto
 from bot.worker import WorkerRuntime
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Clock, SystemClock
 from handlers.scripted import contact_added_without_welcome_code, contact_welcome, kf_welcome, scripted_reply
-from scripts_library import Library, Matcher, Problem, load_library
+from scripts_library import Library, Matcher, Problem
 
 log = structlog.get_logger(__name__)
 
@@ -79,57 +82,125 @@ class ScriptLibraryError(SettingsError):
         self.problems = problems
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedScripts:
+    """The library in use with its matcher and where it came from; replaced whole, never mutated."""
+
+    matcher: Matcher
+    fingerprint: str
+    loaded_at: float
+    signature: StatSignature = ()
+
+
 class ScriptBook:
     """The script library in use, with its matcher; `reload()` swaps both at once or keeps the last good one.
 
     Readers take `matcher` once per message (it carries its library), so a reload between two messages is
-    atomic for each of them.
+    atomic for each of them: the swap is one assignment of an immutable LoadedScripts.
     """
 
-    def __init__(self, path: Path, library: Library) -> None:
+    def __init__(
+        self, path: Path, library: Library, *, snapshot: Snapshot | None = None, loaded_at: float | None = None
+    ) -> None:
         self.path = path
-        self._matcher = Matcher(library)
+        snap = snapshot or Snapshot((), "")
+        self._current = LoadedScripts(
+            Matcher(library), snap.fingerprint, time.time() if loaded_at is None else loaded_at, snap.signature
+        )
         self._lock = threading.Lock()
         self.last_problems: list[Problem] = []
+        self.last_error_at: float | None = None
+        self.checked_at: float | None = None
+        self.cluster_fingerprint: str | None = None  # what Redis says the fleet runs (None: unknown)
 
     @classmethod
     def load(cls, path: Path) -> ScriptBook:
         """Load and validate the library at path; ScriptLibraryError lists the problems when it is invalid."""
-        result = load_library(path)
+        snap, result = load_with_snapshot(path)
         if not isinstance(result, Library):
             raise ScriptLibraryError(path, result)
-        log.info("script library loaded", path=str(path), scripts=len(result.scripts))
-        return cls(path, result)
+        log.info("script library loaded", path=str(path), scripts=len(result.scripts), fingerprint=snap.fingerprint)
+        return cls(path, result, snapshot=snap)
+
+    @property
+    def current(self) -> LoadedScripts:
+        return self._current
 
     @property
     def matcher(self) -> Matcher:
-        return self._matcher
+        return self._current.matcher
 
     @property
     def library(self) -> Library:
-        return self._matcher.library
+        return self._current.matcher.library
 
-    def reload(self) -> bool:
-        """Load the library again; on problems keep serving the last good one and log why. True when swapped."""
+    @property
+    def fingerprint(self) -> str:
+        return self._current.fingerprint
+
+    @property
+    def signature(self) -> StatSignature:
+        return self._current.signature
+
+    @signature.setter
+    def signature(self, value: StatSignature) -> None:
+        """Same content, new stat signature (a touch): recorded so the next check is cheap again."""
         with self._lock:
-            try:
-                result = load_library(self.path)
-            except Exception as exc:  # an unreadable folder must not take the bot down either
-                log.warning("script library reload failed; keeping the last good one", error=repr(exc))
-                return False
-            if not isinstance(result, Library):
-                self.last_problems = result
+            current = self._current
+            self._current = LoadedScripts(current.matcher, current.fingerprint, current.loaded_at, value)
+
+    def apply(
+        self, result: Matcher | Library | list[Problem], snapshot: Snapshot, *, loaded_at: float | None = None
+    ) -> bool:
+        """Swap in a loaded library (or its prebuilt matcher), or keep the last good one and log why.
+
+        True when swapped. The watcher passes a Matcher built in its worker thread, so the swap itself is cheap.
+        """
+        matcher = Matcher(result) if isinstance(result, Library) else result
+        with self._lock:
+            if not isinstance(matcher, Matcher):
+                self.last_problems = matcher
+                self.last_error_at = time.time() if loaded_at is None else loaded_at
                 log.warning(
                     "script library invalid; keeping the last good one",
                     path=str(self.path),
-                    problems=[str(p) for p in result[:20]],
-                    count=len(result),
+                    problems=problems_summary(matcher),
+                    count=len(matcher),
+                    serving=self._current.fingerprint,
                 )
                 return False
-            self._matcher = Matcher(result)  # one reference swap: readers see the old or the new, never a mix
+            self._current = LoadedScripts(  # one reference swap: readers see the old or the new, never a mix
+                matcher, snapshot.fingerprint, time.time() if loaded_at is None else loaded_at, snapshot.signature
+            )
             self.last_problems = []
-            log.info("script library reloaded", path=str(self.path), scripts=len(result.scripts))
+            log.info(
+                "script library reloaded",
+                path=str(self.path),
+                scripts=len(matcher.library.scripts),
+                fingerprint=snapshot.fingerprint,
+            )
             return True
+
+    def reload(self) -> bool:
+        """Load the library again (blocking); on problems keep serving the last good one and log why."""
+        snap, result = load_with_snapshot(self.path)
+        return self.apply(result, snap)
+
+    def status(self) -> dict[str, object]:
+        """For /scripts/status and /readyz: what is served, and whether the files on disk are good."""
+        current = self._current
+        return {
+            "status": "error" if self.last_problems else "ok",
+            "path": str(self.path),
+            "fingerprint": current.fingerprint,
+            "cluster_fingerprint": self.cluster_fingerprint,
+            "scripts": len(current.matcher.library.scripts),
+            "loaded_at": current.loaded_at,
+            "checked_at": self.checked_at,
+            "last_error_at": self.last_error_at if self.last_problems else None,
+            "problems": problems_summary(self.last_problems),
+            "problem_count": len(self.last_problems),
+        }
 
 
 def build_dispatcher() -> Dispatcher:
@@ -175,9 +246,7 @@ async def ensure_schema(engine: AsyncEngine, settings: Settings) -> None:
         log.info("applying database migrations", status=status)
         await upgrade_async(engine)
         return
-    raise SchemaNotReadyError(
-        f"database schema is {status}: run `wecom-bot migrate` first (or set AUTO_MIGRATE=true)"
-    )
+    raise SchemaNotReadyError(f"database schema is {status}: run `wecom-bot migrate` first (or set AUTO_MIGRATE=true)")
 
 
 @contextlib.asynccontextmanager
@@ -194,7 +263,8 @@ async def open_services(
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.http_timeout_s))
     try:
         await ensure_schema(engine, settings)
-        repos = Repositories.create(create_session_factory(engine), clock)
+        sessions = create_session_factory(engine)
+        repos = Repositories.create(sessions, clock)
         queue = InboundQueue(redis, keys, settings.queue_partitions, settings.dedupe_ttl_s, metrics, clock=clock)
         await queue.ensure_groups()
 
@@ -217,7 +287,11 @@ async def open_services(
         robot = RobotClient(http, settings.wecom_api_base, metrics=metrics)
         puller = KfPuller(kf_client, queue, repos.cursors, redis, keys)
         sender = WeComSender(app_client, kf_client, settings.wecom_agent_id)
-        pipeline = Pipeline(repos, build_dispatcher(), sender, puller, clock, scripts=scripts)
+        # 客户联系 APIs take the app secret's token.
+        tag_syncer = CorpTagSyncer(app_client, repos, sessions, clock=clock)
+        pipeline = Pipeline(
+            repos, build_dispatcher(), sender, puller, clock, scripts=scripts, tag_syncer=tag_syncer
+        )
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
         yield Services(
             settings=settings,
@@ -272,7 +346,23 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def scripts_reload_ctx(app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        watcher = ScriptsWatcher(
+            services.scripts,
+            services.redis,
+            services.keys,
+            interval_s=settings.scripts_reload_interval_s,
+            clock=services.clock,
+            metrics=services.metrics,
+        )
+        task = asyncio.create_task(watcher.run(stop), name="scripts-reload")
+        yield
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+
     app.cleanup_ctx.append(workers_ctx)
+    app.cleanup_ctx.append(scripts_reload_ctx)
     app.add_routes(callback_routes(services.crypto, services.queue, services.metrics, settings, services.clock))
     app.add_routes(ops_routes(services))
     return app

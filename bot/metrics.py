@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 ACK_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -42,4 +42,24 @@ class Metrics:
             "WeCom API calls by path and errcode (transport errors use errcode 'transport').",
             ["path", "errcode"],
             registry=self.registry,
+        )
+        self.scripts_reloads = Counter(
+            "wecom_scripts_reloads_total",
+            "Script library reload attempts, by outcome (ok, invalid, error).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.scripts_loaded_at = Gauge(
+            "wecom_scripts_loaded_timestamp_seconds",
+            "When the script library in use was loaded (epoch seconds).",
+            registry=self.registry,
+        )
+        self.scripts_count = Gauge("wecom_scripts_count", "Scripts in the library in use.", registry=self.registry)
+        self.scripts_reload_failing = Gauge(
+            "wecom_scripts_reload_failing",
+            "1 while the library on disk is invalid and the last good one is served, else 0.",
+            registry=self.registry,
+        )
+        self.scripts_library = Info(
+            "wecom_scripts_library", "Fingerprint of the script library in use.", registry=self.registry
         )

@@ -1,4 +1,6 @@
-"""Operations endpoints: /healthz (alive), /readyz (database and Redis reachable), /metrics (Prometheus)."""
+"""Operations endpoints: /healthz (alive), /readyz (database and Redis reachable), /metrics (Prometheus),
+/scripts/status (the script library in use and whether the files on disk load).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ def ops_routes(services: Services) -> list[web.RouteDef]:
         ready = all(value == "ok" for value in checks.values())
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
+    async def scripts_status(_request: web.Request) -> web.Response:
+        # Not part of /readyz: an invalid edit keeps the last good library serving, so the process stays ready.
+        return web.json_response(services.scripts.status(), headers={"Cache-Control": "no-store"})
+
     async def metrics(_request: web.Request) -> web.Response:
         try:
             await asyncio.wait_for(services.queue.refresh_metrics(services.clock.now()), READINESS_TIMEOUT_S)
@@ -50,4 +56,5 @@ def ops_routes(services: Services) -> list[web.RouteDef]:
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
+        web.get("/scripts/status", scripts_status),
     ]

@@ -48,6 +48,10 @@ class RedisKeys:
         """Set while a pull is wanted for an account, so a callback during a pull is not lost."""
         return f"{self.prefix}:kf-sync-pending:{open_kfid}"
 
+    def scripts_version(self) -> str:
+        """Fingerprint of the script library the fleet last switched to; every process converges on it."""
+        return f"{self.prefix}:scripts:version"
+
 
 def secret_fingerprint(secret: str) -> str:
     """Secrets never appear in key names; a short hash tells tokens of different secrets apart."""

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
 
     # The script library (话术库) folder; loaded and validated once at start-up. Empty: the packaged library.
     scripts_path: str = ""
+    # Hot reload: how often every process checks the library folder (and the fleet's version in Redis); 0: never.
+    scripts_reload_interval_s: float = Field(default=2.0, ge=0)
 
     @field_validator("wecom_aes_key")
     @classmethod
