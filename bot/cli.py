@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from bot.cli_args import positive_int, seconds
 from bot.logs import configure_logging
 from bot.settings import Settings, SettingsError, load_settings
 
@@ -178,26 +179,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return asyncio.run(run_chat(base, args.customer, linger_s=args.wait))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= 600:
-        raise argparse.ArgumentTypeError("must be between 0 and 600 seconds")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -219,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=WORKER_DESCRIPTION,
         formatter_class=formatter,
     )
-    worker.add_argument("--count", type=_positive_int, default=1, help="consumers in this process (default 1)")
+    worker.add_argument("--count", type=positive_int, default=1, help="consumers in this process (default 1)")
     worker.set_defaults(func=cmd_worker)
 
     migrate = sub.add_parser(
@@ -240,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     dead_list = dead_sub.add_parser(
         "list", help="show dead letters, oldest first", description="Show dead letters, oldest first."
     )
-    dead_list.add_argument("--limit", type=_positive_int, default=100, help="show at most this many (default 100)")
+    dead_list.add_argument("--limit", type=positive_int, default=100, help="show at most this many (default 100)")
     dead_list.add_argument("--json", action="store_true", help="print one JSON array instead of a table")
     dead_replay = dead_sub.add_parser(
         "replay",
@@ -263,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument(
         "--wait",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="after the input ends, wait at most this long for the last replies (default 10)",

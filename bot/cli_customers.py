@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from bot.cli_args import positive_int
 from bot.orders_import import COLUMNS, import_orders, read_csv_text
 from bot.storage.tags_repository import TagRepository
 from handlers.tags import TagConfig, TagSource
@@ -103,16 +104,6 @@ async def recompute_all_tags(
     return RecomputeSummary(done, changed)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
 def _with_repository(work: Callable[[TagRepository], Awaitable[int]]) -> int:
     from bot.app import ensure_schema
     from bot.logs import configure_logging
@@ -168,7 +159,7 @@ def register(subparsers: Any) -> None:
     importer.add_argument("file", type=Path, metavar="FILE", help="the CSV file")
     importer.add_argument("--source", default="csv", help="order source; order ids are unique per source (csv)")
     importer.add_argument(
-        "--progress-every", type=_positive_int, default=1000, metavar="N", help="report every N rows (1000)"
+        "--progress-every", type=positive_int, default=1000, metavar="N", help="report every N rows (1000)"
     )
     importer.set_defaults(func=cmd_import_orders)
     recompute = actions.add_parser(
@@ -178,6 +169,6 @@ def register(subparsers: Any) -> None:
         formatter_class=formatter,
     )
     recompute.add_argument(
-        "--progress-every", type=_positive_int, default=1000, metavar="N", help="report every N customers (1000)"
+        "--progress-every", type=positive_int, default=1000, metavar="N", help="report every N customers (1000)"
     )
     recompute.set_defaults(func=cmd_recompute_tags)

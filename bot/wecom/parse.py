@@ -115,6 +115,18 @@ def _safe_fromstring(text: str) -> ET.Element:
     return root
 
 
+def _add_field(data: dict[str, Any], tag: str, value: Any) -> None:
+    """Like xmltodict: a tag seen again turns its value into a list."""
+    if tag in data:
+        existing = data[tag]
+        if isinstance(existing, list):
+            existing.append(value)
+        else:
+            data[tag] = [existing, value]
+    else:
+        data[tag] = value
+
+
 def _element_value(element: ET.Element, depth: int) -> Any:
     """Like xmltodict: leaf → text ("" when empty), else a dict; repeated tags become lists."""
     if depth > _MAX_DEPTH:
@@ -125,15 +137,7 @@ def _element_value(element: ET.Element, depth: int) -> Any:
     for child in element:
         # Callbacks are almost all flat: read leaves inline rather than through another call.
         value = _element_value(child, depth + 1) if len(child) else (child.text or "")
-        tag = child.tag
-        if tag in result:
-            existing = result[tag]
-            if isinstance(existing, list):
-                existing.append(value)
-            else:
-                result[tag] = [existing, value]
-        else:
-            result[tag] = value
+        _add_field(result, child.tag, value)
     return result
 
 
@@ -191,14 +195,7 @@ def _flat_dict(text: str) -> dict[str, Any]:
             if "}" in tag:
                 tag = "{" + tag  # ElementTree's spelling of a namespaced name
             value = "".join(parts[mark:])
-            if tag in data:
-                existing = data[tag]
-                if isinstance(existing, list):
-                    existing.append(value)
-                else:
-                    data[tag] = [existing, value]
-            else:
-                data[tag] = value
+            _add_field(data, tag, value)
 
     parser.StartElementHandler = start
     parser.EndElementHandler = end
@@ -232,15 +229,7 @@ def _plain_dict(text: str) -> dict[str, Any] | None:
     data: dict[str, Any] = {}
     # Within a matching document the leaves follow each other, so findall visits exactly the root's children.
     for tag, cdata, plain in _PLAIN_LEAF.findall(text, _ROOT_OPEN):
-        value = cdata + plain  # one of the two is always ""
-        if tag in data:
-            existing = data[tag]
-            if isinstance(existing, list):
-                existing.append(value)
-            else:
-                data[tag] = [existing, value]
-        else:
-            data[tag] = value
+        _add_field(data, tag, cdata + plain)  # one of the two is always ""
     return data
 
 
