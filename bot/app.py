@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +32,7 @@ from bot.scripts_reload import ScriptsWatcher, Snapshot, StatSignature, load_wit
 from bot.settings import Settings, SettingsError
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
 from bot.storage.repositories import Repositories
+from bot.storage.tags_repository import TagRepository
 from bot.tag_sync import CorpTagSyncer
 from bot.wecom.client import RobotClient, WeComClient
 from bot.wecom.crypto import CallbackCrypto
@@ -38,6 +40,8 @@ from bot.worker import WorkerRuntime
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Clock, SystemClock
 from handlers.scripted import contact_added_without_welcome_code, contact_welcome, kf_welcome, scripted_reply
+from handlers.tags import TagConfig
+from scheduler.runner import RecomputeSchedule, build_scheduler
 from scripts_library import Library, Matcher, Problem
 
 log = structlog.get_logger(__name__)
@@ -215,6 +219,31 @@ def build_dispatcher() -> Dispatcher:
     return Dispatcher([kf_welcome, contact_welcome, contact_added_without_welcome_code, scripted_reply])
 
 
+class TagRecomputeAdapter:
+    """The TagRepository as scheduler.jobs.TagRecomputePort, with the configured thresholds."""
+
+    def __init__(self, repository: TagRepository, config: TagConfig) -> None:
+        self._repository = repository
+        self._config = config
+
+    async def customers_needing_recompute(
+        self, stale_before: datetime, *, after_id: int = 0, limit: int = 1000
+    ) -> list[int]:
+        return await self._repository.customers_needing_recompute(stale_before, after_id=after_id, limit=limit)
+
+    async def recompute(self, customer_id: int, now: datetime) -> frozenset[str] | None:
+        return await self._repository.recompute_computed_tags(customer_id, now, self._config)
+
+
+def recompute_schedule(settings: Settings) -> RecomputeSchedule:
+    return RecomputeSchedule(
+        cron=settings.tag_recompute_cron,
+        timezone=settings.tag_recompute_timezone,
+        page_size=settings.tag_recompute_page_size,
+        max_customers=settings.tag_recompute_max_customers,
+    )
+
+
 @dataclass
 class Services:
     """Everything the routes and workers use, created once per process."""
@@ -361,8 +390,18 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
 
+    async def tag_recompute_ctx(app: web.Application) -> AsyncIterator[None]:
+        port = TagRecomputeAdapter(services.repos.tags, settings.tag_config)
+        scheduler = build_scheduler(port, recompute_schedule(settings))
+        scheduler.start()
+        log.info("scheduler started", jobs=[job.id for job in scheduler.get_jobs()])
+        yield
+        scheduler.shutdown(wait=False)
+
     app.cleanup_ctx.append(workers_ctx)
     app.cleanup_ctx.append(scripts_reload_ctx)
+    if settings.tag_recompute_enabled:
+        app.cleanup_ctx.append(tag_recompute_ctx)
     app.add_routes(callback_routes(services.crypto, services.queue, services.metrics, settings, services.clock))
     app.add_routes(ops_routes(services))
     return app

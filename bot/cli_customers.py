@@ -29,8 +29,9 @@ customers. Exit code 1 when any row was bad or the file was unusable, 0 otherwis
 Run `wecom-bot customers recompute-tags` afterwards to refresh the tags."""
 
 RECOMPUTE_DESCRIPTION = """\
-Recompute the computed tags of every customer from their orders and activity. Each customer's
-tags are replaced in one transaction, so the bot never sees a half-updated set."""
+Recompute the computed tags of every customer from their orders and activity, with the thresholds
+from the TAG_* settings. Each customer's tags are replaced in one transaction, so the bot never sees
+a half-updated set. The server also does this daily (TAG_RECOMPUTE_CRON, 03:30 Asia/Shanghai)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ async def recompute_all_tags(
     return RecomputeSummary(done, changed)
 
 
-def _with_repository(work: Callable[[TagRepository], Awaitable[int]]) -> int:
+def _with_repository(work: Callable[[TagRepository, TagConfig], Awaitable[int]]) -> int:
     from bot.app import ensure_schema
     from bot.logs import configure_logging
     from bot.settings import load_settings
@@ -117,7 +118,7 @@ def _with_repository(work: Callable[[TagRepository], Awaitable[int]]) -> int:
         engine = create_engine(settings)
         try:
             await ensure_schema(engine, settings)
-            return await work(TagRepository(create_session_factory(engine)))
+            return await work(TagRepository(create_session_factory(engine)), settings.tag_config)
         finally:
             await engine.dispose()
 
@@ -126,15 +127,15 @@ def _with_repository(work: Callable[[TagRepository], Awaitable[int]]) -> int:
 
 def cmd_import_orders(args: argparse.Namespace) -> int:
     return _with_repository(
-        lambda repo: run_import_orders(
+        lambda repo, _config: run_import_orders(
             args.file, repo, now=datetime.now(UTC), source=args.source, progress_every=args.progress_every
         )
     )
 
 
 def cmd_recompute_tags(args: argparse.Namespace) -> int:
-    async def work(repo: TagRepository) -> int:
-        await recompute_all_tags(repo, now=datetime.now(UTC), progress_every=args.progress_every)
+    async def work(repo: TagRepository, config: TagConfig) -> int:
+        await recompute_all_tags(repo, now=datetime.now(UTC), config=config, progress_every=args.progress_every)
         return 0
 
     return _with_repository(work)

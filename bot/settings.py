@@ -5,13 +5,20 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from handlers.tags import TagConfig
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/wecom-bot.sqlite3"
+
+
+_TAG_DEFAULTS = TagConfig()
+Thresholds = Annotated[tuple[int, int, int, int], NoDecode]  # env: four comma-separated numbers, e.g. "7,30,90,180"
 
 
 class SettingsError(Exception):
@@ -68,6 +75,58 @@ class Settings(BaseSettings):
     # Hot reload: how often every process checks the library folder (and the fleet's version in Redis); 0: never.
     scripts_reload_interval_s: float = Field(default=2.0, ge=0)
 
+    # Computed customer tags (handlers/tags.py documents each threshold); checked together at start-up.
+    tag_recency_days: Thresholds = _TAG_DEFAULTS.recency_days
+    tag_frequency_orders: Thresholds = _TAG_DEFAULTS.frequency_orders
+    tag_monetary_cents: Thresholds = _TAG_DEFAULTS.monetary_cents
+    tag_window_days: int = _TAG_DEFAULTS.window_days
+    tag_rfm_high_total: int = _TAG_DEFAULTS.rfm_high_total
+    tag_rfm_medium_total: int = _TAG_DEFAULTS.rfm_medium_total
+    tag_new_days: int = _TAG_DEFAULTS.new_days
+    tag_active_days: int = _TAG_DEFAULTS.active_days
+    tag_churned_days: int = _TAG_DEFAULTS.churned_days
+    tag_dormant_order_days: int = _TAG_DEFAULTS.dormant_order_days
+    tag_mature_orders: int = _TAG_DEFAULTS.mature_orders
+    # The daily recompute of every customer's computed tags: a crontab line in TAG_RECOMPUTE_TIMEZONE.
+    tag_recompute_enabled: bool = True
+    tag_recompute_cron: str = "30 3 * * *"
+    tag_recompute_timezone: str = "Asia/Shanghai"
+    tag_recompute_page_size: int = Field(default=500, ge=1, le=10_000)
+    tag_recompute_max_customers: int = Field(default=1_000_000, ge=1)
+
+    @field_validator("tag_recency_days", "tag_frequency_orders", "tag_monetary_cents", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",")]
+            if len(parts) != 4 or not all(parts):
+                raise ValueError("must be four comma-separated whole numbers, e.g. 7,30,90,180")
+            return tuple(parts)
+        return value
+
+    @field_validator("tag_recompute_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _tag_settings_consistent(self) -> Settings:
+        try:
+            self.tag_config  # noqa: B018 - TagConfig checks the thresholds against each other
+        except ValueError as exc:
+            raise ValueError(f"TAG_* thresholds: {exc}") from None
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(self.tag_recompute_cron, timezone=self.tag_recompute_timezone)
+        except ValueError as exc:
+            raise ValueError(f"TAG_RECOMPUTE_CRON: not a crontab line (minute hour day month weekday): {exc}") from None
+        return self
+
     @field_validator("wecom_aes_key")
     @classmethod
     def _aes_key_shape(cls, value: str) -> str:
@@ -118,6 +177,23 @@ class Settings(BaseSettings):
         if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return upper
+
+    @property
+    def tag_config(self) -> TagConfig:
+        """The computed-tag thresholds (TAG_* variables; TagConfig's defaults when unset)."""
+        return TagConfig(
+            recency_days=self.tag_recency_days,
+            frequency_orders=self.tag_frequency_orders,
+            monetary_cents=self.tag_monetary_cents,
+            window_days=self.tag_window_days,
+            rfm_high_total=self.tag_rfm_high_total,
+            rfm_medium_total=self.tag_rfm_medium_total,
+            new_days=self.tag_new_days,
+            active_days=self.tag_active_days,
+            churned_days=self.tag_churned_days,
+            dormant_order_days=self.tag_dormant_order_days,
+            mature_orders=self.tag_mature_orders,
+        )
 
     @property
     def sandbox(self) -> bool:
