@@ -23,8 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.models import Customer
-from bot.storage.repositories import Repositories, _insert
-from bot.storage.tags_repository import MAX_TAG_CHARS, TAGGED_CHANNELS
+from bot.storage.repositories import Repositories
+from bot.storage.tags_repository import MAX_TAG_CHARS, TAGGED_CHANNELS, upsert_contact_customer
 from bot.wecom.errors import WeComApiError
 from handlers.domain import Channel, Clock, SystemClock
 from handlers.tags import TagSource
@@ -207,22 +207,7 @@ class CorpTagSyncer:
             ids = {int(r.id) for r in rows}
             if create_contact and Channel.CONTACT.value not in {r.channel for r in rows}:
                 now = datetime.fromtimestamp(self._clock.now(), UTC)
-                stmt = (
-                    _insert(session, Customer)
-                    .values(
-                        channel=Channel.CONTACT.value,
-                        external_id=external_userid,
-                        corp_tag_ids=[],
-                        first_seen_at=now,
-                        last_seen_at=now,
-                    )
-                    .on_conflict_do_update(
-                        index_elements=[Customer.channel, Customer.external_id],
-                        set_={"channel": Channel.CONTACT.value},  # no-op update so RETURNING yields a raced row
-                    )
-                    .returning(Customer.id)
-                )
-                ids.add(int((await session.execute(stmt)).scalar_one()))
+                ids.add(await upsert_contact_customer(session, external_userid, now))
         return tuple(sorted(ids))
 
     # --- write: bot → WeCom -----------------------------------------------------------------------

@@ -164,22 +164,7 @@ class TagRepository:
         for external_id in missing:
             # A customer who paid existed by then: first and last seen start at the first payment in the file.
             at = min(first_paid[external_id], now)
-            stmt = (
-                _insert(session, Customer)
-                .values(
-                    channel=Channel.CONTACT.value,
-                    external_id=external_id,
-                    corp_tag_ids=[],
-                    first_seen_at=at,
-                    last_seen_at=at,
-                )
-                .on_conflict_do_update(
-                    index_elements=[Customer.channel, Customer.external_id],
-                    set_={"channel": Channel.CONTACT.value},  # no-op update so RETURNING yields the raced row
-                )
-                .returning(Customer.id)
-            )
-            known[external_id] = int((await session.execute(stmt)).scalar_one())
+            known[external_id] = await upsert_contact_customer(session, external_id, at)
         return len(missing)
 
     @staticmethod
@@ -374,3 +359,23 @@ class TagRepository:
             tags = computed_tags(facts, now, config)
             await self._replace(session, customer_id, TagSource.COMPUTED, sorted(tags), self._now())
             return tags
+
+
+async def upsert_contact_customer(session: AsyncSession, external_id: str, seen_at: datetime) -> int:
+    """The id of the 客户联系 customer row for external_id, created (first and last seen = seen_at) if missing."""
+    stmt = (
+        _insert(session, Customer)
+        .values(
+            channel=Channel.CONTACT.value,
+            external_id=external_id,
+            corp_tag_ids=[],
+            first_seen_at=seen_at,
+            last_seen_at=seen_at,
+        )
+        .on_conflict_do_update(
+            index_elements=[Customer.channel, Customer.external_id],
+            set_={"channel": Channel.CONTACT.value},  # no-op update so RETURNING yields a raced row
+        )
+        .returning(Customer.id)
+    )
+    return int((await session.execute(stmt)).scalar_one())
