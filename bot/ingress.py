@@ -121,6 +121,8 @@ class CallbackIngress:
         self._max_body = settings.callback_max_body_bytes
         self._max_skew = settings.callback_max_clock_skew_s
         self._clock = clock
+        # Asked once: through structlog's lazy proxy the question costs as much as a parse step per callback.
+        self._debug = _debug_enabled()
 
     def routes(self, path: str = CALLBACK_PATH) -> list[web.RouteDef]:
         return [web.get(path, self.handle_get, allow_head=False), web.post(path, self.handle_post)]
@@ -261,7 +263,7 @@ class CallbackIngress:
         # Accepted callbacks log at DEBUG: a line each at INFO would cost more CPU than the rest of the hot path,
         # and the counter has the numbers. Duplicates (WeCom retrying) are worth a line.
         (self._accepted if queued else self._duplicate).inc()
-        if queued and not _debug_enabled():
+        if queued and not self._debug:
             return web.Response(status=200)  # the DEBUG line would be dropped: skip building it
         (log.debug if queued else log.info)(
             "callback_received",

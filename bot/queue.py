@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis.asyncio as redis_asyncio
 from redis.exceptions import ResponseError
 
@@ -109,8 +110,18 @@ return removed
 """
 
 
-# What json.dumps(payload, ensure_ascii=False, separators=(",", ":")) builds on every call, built once.
 _PAYLOAD_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON of an entry's payload; orjson on the hot path, the stdlib for what orjson refuses.
+
+    orjson refuses integers beyond 64 bits, which WeCom never sends but a replayed or hand-made entry might hold.
+    """
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return _PAYLOAD_JSON.encode(dict(payload)).encode("utf-8")
 
 # Most enqueue calls sent in one pipeline (more wait for the next pass of the same flush).
 _MAX_BATCH = 256
@@ -148,7 +159,7 @@ class QueueEntry:
         """The stream fields this entry was written with."""
         out = {
             "kind": self.kind,
-            "payload": json.dumps(self.payload, ensure_ascii=False, separators=(",", ":")),
+            "payload": encode_payload(self.payload).decode("utf-8"),
             "dedupe": self.dedupe_key,
             "conversation": self.conversation_key,
             "enqueued_at": repr(self.enqueued_at),
@@ -259,7 +270,7 @@ class InboundQueue:
         Calls made in the same event-loop turn (concurrent callbacks) share one Redis round trip: each is still
         its own atomic script call with its own result or exception, sent in arrival order.
         """
-        body = _PAYLOAD_JSON.encode(dict(payload))
+        body = encode_payload(payload)
         stream = self.stream(self.partition_for(conversation_key))
         call = (
             [self.keys.dedupe(dedupe_key), stream],

@@ -37,6 +37,24 @@ async def redis(backend: Backend) -> AsyncIterator[redis_asyncio.Redis]:
     await client.aclose()
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"xml": "<xml>你好 \u2028 \"quoted\"</xml>", "received_at": 1700000000.123},
+        {"msg": {"msgid": "m1", "n": 2**70, "list": [1, None, True]}, "open_kfid": "acc"},  # beyond orjson's ints
+    ],
+)
+async def test_payload_round_trips_through_the_stream(
+    redis: redis_asyncio.Redis, keys: RedisKeys, payload: dict[str, Any]
+) -> None:
+    q = make_queue(redis, keys)
+    await q.ensure_groups()
+    assert await q.enqueue_once("p-1", "conv", "callback", payload) is True
+    partition = q.partition_for("conv")
+    entry_id, fields = (await stream_entries(redis, keys.inbound_stream(partition)))[0]
+    assert q.parse(partition, entry_id, fields, 0).payload == payload
+
+
 @pytest.fixture
 def keys(backend: Backend) -> RedisKeys:
     return RedisKeys(backend.key_prefix)
