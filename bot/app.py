@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import secrets
 import threading
 import time
@@ -19,6 +20,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.admin_api import create_api_app
 from bot.ingress import callback_routes
 from bot.kf_sync import KfPuller
 from bot.metrics import Metrics
@@ -28,6 +30,7 @@ from bot.pipeline import Pipeline
 from bot.queue import InboundQueue
 from bot.redis_conn import create_redis
 from bot.redis_keys import RedisKeys
+from bot.scripts_overlay import EMPTY_OVERLAY, Overlay, RevisionOverlaySource
 from bot.scripts_reload import ScriptsWatcher, Snapshot, StatSignature, load_with_snapshot, problems_summary
 from bot.settings import Settings, SettingsError
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
@@ -88,12 +91,19 @@ class ScriptLibraryError(SettingsError):
 
 @dataclass(frozen=True, slots=True)
 class LoadedScripts:
-    """The library in use with its matcher and where it came from; replaced whole, never mutated."""
+    """The library in use with its matcher and where it came from; replaced whole, never mutated.
+
+    `files_library` and `files_fingerprint` are the YAML files' part alone, so a run-time edit (the overlay)
+    is applied without reading the files again.
+    """
 
     matcher: Matcher
     fingerprint: str
     loaded_at: float
     signature: StatSignature = ()
+    files_library: Library | None = None
+    files_fingerprint: str = ""
+    overlay: Overlay = EMPTY_OVERLAY
 
 
 class ScriptBook:
@@ -109,7 +119,12 @@ class ScriptBook:
         self.path = path
         snap = snapshot or Snapshot((), "")
         self._current = LoadedScripts(
-            Matcher(library), snap.fingerprint, time.time() if loaded_at is None else loaded_at, snap.signature
+            Matcher(library),
+            snap.fingerprint,
+            time.time() if loaded_at is None else loaded_at,
+            snap.signature,
+            files_library=library,
+            files_fingerprint=snap.fingerprint,
         )
         self._lock = threading.Lock()
         self.last_problems: list[Problem] = []
@@ -150,11 +165,16 @@ class ScriptBook:
     def signature(self, value: StatSignature) -> None:
         """Same content, new stat signature (a touch): recorded so the next check is cheap again."""
         with self._lock:
-            current = self._current
-            self._current = LoadedScripts(current.matcher, current.fingerprint, current.loaded_at, value)
+            self._current = dataclasses.replace(self._current, signature=value)
 
     def apply(
-        self, result: Matcher | Library | list[Problem], snapshot: Snapshot, *, loaded_at: float | None = None
+        self,
+        result: Matcher | Library | list[Problem],
+        snapshot: Snapshot,
+        *,
+        loaded_at: float | None = None,
+        files: tuple[str, Library] | None = None,
+        overlay: Overlay | None = None,
     ) -> bool:
         """Swap in a loaded library (or its prebuilt matcher), or keep the last good one and log why.
 
@@ -173,8 +193,15 @@ class ScriptBook:
                     serving=self._current.fingerprint,
                 )
                 return False
+            files_fingerprint, files_library = files or (snapshot.fingerprint, matcher.library)
             self._current = LoadedScripts(  # one reference swap: readers see the old or the new, never a mix
-                matcher, snapshot.fingerprint, time.time() if loaded_at is None else loaded_at, snapshot.signature
+                matcher,
+                snapshot.fingerprint,
+                time.time() if loaded_at is None else loaded_at,
+                snapshot.signature,
+                files_library=files_library,
+                files_fingerprint=files_fingerprint,
+                overlay=self._current.overlay if overlay is None else overlay,
             )
             self.last_problems = []
             log.info(
@@ -263,6 +290,7 @@ class Services:
     crypto: CallbackCrypto
     pipeline: Pipeline
     scripts: ScriptBook
+    scripts_watcher: ScriptsWatcher
     workers: list[WorkerRuntime] = field(default_factory=list)
 
 
@@ -319,9 +347,25 @@ async def open_services(
         # 客户联系 APIs take the app secret's token.
         tag_syncer = CorpTagSyncer(app_client, repos, sessions, clock=clock)
         pipeline = Pipeline(
-            repos, build_dispatcher(), sender, puller, clock, scripts=scripts, tag_syncer=tag_syncer
+            repos,
+            build_dispatcher(),
+            sender,
+            puller,
+            clock,
+            scripts=scripts,
+            tag_syncer=tag_syncer,
         )
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
+        scripts_watcher = ScriptsWatcher(
+            scripts,
+            redis,
+            keys,
+            interval_s=settings.scripts_reload_interval_s,
+            clock=clock,
+            metrics=metrics,
+            overlay_source=RevisionOverlaySource(repos.script_revisions),
+        )
+        await scripts_watcher.check_once()  # run-time edits from the database apply before anything is served
         yield Services(
             settings=settings,
             clock=clock,
@@ -338,6 +382,7 @@ async def open_services(
             crypto=crypto,
             pipeline=pipeline,
             scripts=scripts,
+            scripts_watcher=scripts_watcher,
         )
     finally:
         await http.close()
@@ -377,15 +422,7 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
 
     async def scripts_reload_ctx(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        watcher = ScriptsWatcher(
-            services.scripts,
-            services.redis,
-            services.keys,
-            interval_s=settings.scripts_reload_interval_s,
-            clock=services.clock,
-            metrics=services.metrics,
-        )
-        task = asyncio.create_task(watcher.run(stop), name="scripts-reload")
+        task = asyncio.create_task(services.scripts_watcher.run(stop), name="scripts-reload")
         yield
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
@@ -404,4 +441,5 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
         app.cleanup_ctx.append(tag_recompute_ctx)
     app.add_routes(callback_routes(services.crypto, services.queue, services.metrics, settings, services.clock))
     app.add_routes(ops_routes(services))
+    app.add_subapp("/api", create_api_app(services))
     return app

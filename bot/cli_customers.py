@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from bot.cli_args import positive_int
+from bot.cli_args import positive_int, run_with_database
 from bot.orders_import import COLUMNS, import_orders, read_csv_text
 from bot.storage.tags_repository import TagRepository
 from handlers.tags import TagConfig, TagSource
@@ -106,23 +105,7 @@ async def recompute_all_tags(
 
 
 def _with_repository(work: Callable[[TagRepository, TagConfig], Awaitable[int]]) -> int:
-    from bot.app import ensure_schema
-    from bot.logs import configure_logging
-    from bot.settings import load_settings
-    from bot.storage.db import create_engine, create_session_factory
-
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_json)
-
-    async def run() -> int:
-        engine = create_engine(settings)
-        try:
-            await ensure_schema(engine, settings)
-            return await work(TagRepository(create_session_factory(engine)), settings.tag_config)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
+    return run_with_database(lambda sessions, settings: work(TagRepository(sessions), settings.tag_config))
 
 
 def cmd_import_orders(args: argparse.Namespace) -> int:

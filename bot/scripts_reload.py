@@ -18,11 +18,12 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import redis.asyncio as redis_asyncio
 import structlog
 
+from bot.scripts_overlay import EMPTY_OVERLAY, Overlay, apply_overlay, combined_fingerprint
 from scripts_library import Library, Matcher, Problem, load_library
 
 if TYPE_CHECKING:
@@ -118,8 +119,20 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class OverlaySource(Protocol):
+    """Where run-time edits live (the database); `head()` is the cheap probe polled every interval."""
+
+    async def head(self) -> int: ...
+
+    async def current(self) -> Overlay: ...
+
+
 class ScriptsWatcher:
-    """Polls the library folder and the fleet's version key; `check_once()` is one step, `run()` the loop."""
+    """Polls the library folder, the run-time edits and the fleet's version key; `check_once()` is one step.
+
+    `run()` is the loop. The admin API calls `check_once()` right after storing an edit, so the process that
+    took the edit serves it at once; the others follow within an interval (they see the new head revision).
+    """
 
     def __init__(
         self,
@@ -130,8 +143,11 @@ class ScriptsWatcher:
         interval_s: float,
         clock: Clock,
         metrics: Metrics | None = None,
+        overlay_source: OverlaySource | None = None,
     ) -> None:
         self.book = book
+        self.overlay_source = overlay_source
+        self._overlay_head: int | None = None
         self.redis = redis
         self.keys = keys
         self.interval_s = interval_s
@@ -174,6 +190,27 @@ class ScriptsWatcher:
             log.warning("script library version not shared through Redis", error=repr(exc))
             self._redis_warned = True
 
+    # ---- run-time edits (optional: while the database is unreachable the edits in use stay as they are)
+
+    async def _overlay_probe(self) -> tuple[int | None, Overlay | None]:
+        """The newest revision id; (last seen head, the overlay in use) when the database cannot be asked."""
+        if self.overlay_source is None:
+            return 0, EMPTY_OVERLAY
+        try:
+            return await self.overlay_source.head(), None
+        except Exception as exc:
+            log.warning("script edits not checked: database unavailable", error=type(exc).__name__)
+            return self._overlay_head, self.book.current.overlay
+
+    async def _overlay_now(self) -> Overlay:
+        if self.overlay_source is None:
+            return EMPTY_OVERLAY
+        try:
+            return await self.overlay_source.current()
+        except Exception as exc:
+            log.warning("script edits not read: database unavailable", error=type(exc).__name__)
+            return self.book.current.overlay
+
     # ---- one step
 
     async def check_once(self, *, force: bool = False) -> Outcome:
@@ -194,30 +231,53 @@ class ScriptsWatcher:
         nudged = remote is not None and remote != self._remote_seen and remote != self.book.fingerprint
         if remote is not None:
             self._remote_seen = remote
-        if not force and not nudged and signature == self._signature:
+        head, overlay = await self._overlay_probe()
+        overlay_moved = head != self._overlay_head
+        if not force and not nudged and not overlay_moved and signature == self._signature:
             return "unchanged"
+        if overlay is None:
+            overlay = await self._overlay_now()
 
         known = self.book.fingerprint
         failed = None if force else self._failed_fingerprint
+        current = self.book.current
 
-        def hash_then_load() -> tuple[Snapshot, Matcher | list[Problem] | None]:
-            snap = snapshot(root)
+        def hash_then_load() -> tuple[Snapshot, Snapshot, Matcher | list[Problem] | None, Library | None]:
+            files = snapshot(root)
+            snap = Snapshot(files.signature, combined_fingerprint(files.fingerprint, overlay))
             if snap.fingerprint in (known, failed):
-                return snap, None  # touched, or the same bad content again: nothing to load
+                return files, snap, None, None  # touched, or the same bad content again: nothing to load
+            if files.fingerprint == current.files_fingerprint and current.files_library is not None:
+                files_library: Library | list[Problem] = current.files_library  # only the edits changed
+            else:
+                try:
+                    files_library = load_library(root)
+                except Exception as exc:
+                    return files, snap, [Problem(str(root), 1, f"cannot load: {exc!r}")], None
+            if not isinstance(files_library, Library):
+                return files, snap, files_library, None
             try:
-                loaded = load_library(root)
+                effective = apply_overlay(root, files_library, overlay)
             except Exception as exc:
-                return snap, [Problem(str(root), 1, f"cannot load: {exc!r}")]
+                return files, snap, [Problem("db", 1, f"cannot apply run-time edits: {exc!r}")], None
             # The automaton is built here too: the event loop only does the one-assignment swap.
-            return snap, Matcher(loaded) if isinstance(loaded, Library) else loaded
+            result = Matcher(effective) if isinstance(effective, Library) else effective
+            return files, snap, result, files_library
 
-        snap, result = await asyncio.to_thread(hash_then_load)
+        files, snap, result, files_library = await asyncio.to_thread(hash_then_load)
         self._signature = snap.signature
+        self._overlay_head = head
         if result is None:
             if snap.fingerprint == known:
                 self.book.signature = snap.signature
             return "unchanged"
-        swapped = self.book.apply(result, snap, loaded_at=self.clock.now())
+        swapped = self.book.apply(
+            result,
+            snap,
+            loaded_at=self.clock.now(),
+            files=None if files_library is None else (files.fingerprint, files_library),
+            overlay=overlay,
+        )
         self._observe_metrics()
         if not swapped:
             self._failed_fingerprint = snap.fingerprint

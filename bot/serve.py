@@ -234,7 +234,6 @@ def _settle_heap() -> None:
 async def run_workers(settings: Settings, count: int) -> None:
     """Consume the queue in this process until SIGINT/SIGTERM (scale-out beside the server)."""
     from bot.app import open_services
-    from bot.scripts_reload import ScriptsWatcher
     from bot.worker import WorkerRuntime
 
     if settings.embedded_redis:
@@ -258,14 +257,6 @@ async def run_workers(settings: Settings, count: int) -> None:
             )
             for _ in range(count)
         ]
-        watcher = ScriptsWatcher(
-            services.scripts,
-            services.redis,
-            services.keys,
-            interval_s=settings.scripts_reload_interval_s,
-            clock=services.clock,
-            metrics=services.metrics,
-        )
         log.info("workers started", count=count, ids=[r.worker_id for r in runtimes])
-        await asyncio.gather(watcher.run(stop), *(runtime.run(stop) for runtime in runtimes))
+        await asyncio.gather(services.scripts_watcher.run(stop), *(runtime.run(stop) for runtime in runtimes))
     log.info("workers stopped")

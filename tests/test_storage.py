@@ -30,7 +30,8 @@ from bot.storage.repositories import Repositories
 from handlers.domain import Channel, InboundMessage, KfOrigin, OutboundMessage
 from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 
-TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "orders", "customer_tags", "answers"}
+TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "orders", "customer_tags", "answers",
+          "staff_users", "api_tokens", "audit_log", "script_revisions"}
 T0 = 1_700_000_000
 
 

@@ -1,5 +1,5 @@
 """SQLAlchemy 2 typed declarative models: customers, conversations, messages, outbox, kf cursors, orders, tags,
-scripted answers."""
+scripted answers, staff accounts, API tokens, the audit log and run-time script revisions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -269,3 +270,86 @@ class ScriptAnswer(Base):
     status: Mapped[str] = mapped_column(String(16))
     replies: Mapped[int] = mapped_column(Integer)
     answered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class StaffRole(StrEnum):
+    """What a staff account may do; the permissions per role are in bot/auth.py."""
+
+    ADMIN = "admin"
+    LEAD = "lead"  # team lead: supervises agents, edits scripts
+    AGENT = "agent"
+    COMMUNITY = "community"  # community manager: scheduled posts
+
+
+class StaffUser(Base):
+    """A person who uses the console or the admin API (agents, leads, admins, community managers)."""
+
+    __tablename__ = "staff_users"
+    __table_args__ = (
+        UniqueConstraint("username"),
+        CheckConstraint("role IN ('admin', 'lead', 'agent', 'community')", name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64))
+    display_name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    team: Mapped[str | None] = mapped_column(String(64))
+    wecom_userid: Mapped[str | None] = mapped_column(String(64))  # the member's UserID, for kf servicers
+    password_hash: Mapped[str | None] = mapped_column(String(255))  # None: API tokens only, no console login
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ApiToken(Base):
+    """A bearer token for the admin API; only its sha256 is stored, the token itself is shown once."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (UniqueConstraint("token_hash"), Index(None, "user_id"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigId, ForeignKey("staff_users.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEntry(Base):
+    """Who did what through the console or the API, when; never customer message text or secrets."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index(None, "at"), Index(None, "target"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+
+
+class ScriptRevisionAction(StrEnum):
+    EDIT = "edit"  # body replaces (or adds) the script with this id
+    DELETE = "delete"  # the script is removed from the library in use
+    RESTORE = "restore"  # the run-time override ends: the YAML files' version (if any) applies again
+
+
+class ScriptRevision(Base):
+    """One run-time edit of one script, versioned; the latest revision per script id is what applies."""
+
+    __tablename__ = "script_revisions"
+    __table_args__ = (
+        UniqueConstraint("script_id", "version"),
+        CheckConstraint("action IN ('edit', 'delete', 'restore')", name="action"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    script_id: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16))
+    body: Mapped[str | None] = mapped_column(Text)  # the script as YAML (one mapping), for edits
+    author: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -33,6 +33,7 @@ from bot.storage.models import (
 from handlers.domain import Channel, Clock, InboundMessage, KfOrigin, OutboundMessage, SystemClock
 
 if TYPE_CHECKING:
+    from bot.storage.staff_repository import AuditRepository, ScriptRevisionRepository, StaffRepository
     from bot.storage.tags_repository import TagRepository
 
 MAX_ERROR_CHARS = 2000
@@ -858,11 +859,15 @@ class Repositories:
     cursors: KfCursorRepository
     answers: AnswerRepository
     tags: TagRepository
+    staff: StaffRepository
+    audit: AuditRepository
+    script_revisions: ScriptRevisionRepository
 
     @classmethod
     def create(cls, sessions: async_sessionmaker[AsyncSession], clock: Clock | None = None) -> Repositories:
         """Build all repositories sharing a session factory and clock."""
         # tags_repository builds on this module's helpers, so it is imported here, not at the top.
+        from bot.storage.staff_repository import AuditRepository, ScriptRevisionRepository, StaffRepository
         from bot.storage.tags_repository import TagRepository
 
         return cls(
@@ -872,4 +877,7 @@ class Repositories:
             cursors=KfCursorRepository(sessions, clock),
             answers=AnswerRepository(sessions, clock),
             tags=TagRepository(sessions, clock),
+            staff=StaffRepository(sessions, clock),
+            audit=AuditRepository(sessions, clock),
+            script_revisions=ScriptRevisionRepository(sessions, clock),
         )
