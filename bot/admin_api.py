@@ -1,4 +1,5 @@
-"""The admin API under /api: run-time script edits (validated, versioned, audited, hot-reloaded) and the audit log.
+"""The admin API under /api: run-time script edits (validated, versioned, audited, hot-reloaded), order imports
+and the audit log.
 
 Every request carries a staff bearer token (bot/auth.py); every change is validated exactly like the YAML files,
 stored as a new revision, written to the audit log, and served at once by this process and within one reload
@@ -11,7 +12,7 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -19,6 +20,7 @@ import yaml
 from aiohttp import web
 
 from bot.auth import ROLE_PERMISSIONS, STAFF, Permission, bearer_auth, json_error, require
+from bot.orders_import import import_orders_records
 from bot.scripts_overlay import (
     MAX_BODY_CHARS,
     Overlay,
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 SCRIPT_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-MAX_REQUEST_BYTES = 256 * 1024
+ORDER_SOURCE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_ORDERS_PER_REQUEST = 5000
 
 
 class _ApiError(Exception):
@@ -143,6 +147,7 @@ class AdminApi:
             web.post("/scripts/{script_id}/restore", self.restore_script),
             web.post("/scripts/{script_id}/rollback", self.rollback_script),
             web.get("/audit", self.audit_log),
+            web.post("/orders", self.import_orders),
         ]
 
     # ---- reading
@@ -221,6 +226,42 @@ class AdminApi:
                 ]
             }
         )
+
+    # ---- orders
+
+    async def import_orders(self, request: web.Request) -> web.Response:
+        """Paid orders from another system; good records are stored, bad ones listed by index, buyers re-tagged."""
+        user = require(request, Permission.ORDERS_WRITE)
+        body = await _json_body(request)
+        records = body.get("orders")
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise _ApiError(400, "bad_field", "`orders` must be a list of objects")
+        if not records or len(records) > MAX_ORDERS_PER_REQUEST:
+            raise _ApiError(400, "bad_field", f"send between 1 and {MAX_ORDERS_PER_REQUEST} orders per request")
+        source = body.get("source", "api")
+        if not isinstance(source, str) or not ORDER_SOURCE.fullmatch(source):
+            raise _ApiError(400, "bad_field", "`source` is 1-32 letters, digits, _ or - (default api)")
+        settings = self.services.settings
+        report = await import_orders_records(
+            records,
+            self.services.repos.tags,
+            now=datetime.fromtimestamp(self.services.clock.now(), UTC),
+            tag_config=settings.tag_config,
+            source=source,
+        )
+        if report.error is not None:
+            raise _ApiError(400, "bad_orders", report.error)
+        summary = {
+            "ok": report.ok,
+            "rows": report.rows,
+            "imported": report.imported,
+            "unchanged": report.unchanged,
+            "customers_created": report.customers_created,
+            "tags_recomputed": report.tags_recomputed,
+            "tags_changed": report.tags_changed,
+        }
+        await self.audit.record(user.username, "orders.import", f"orders:{source}", {**summary, "bad": len(report.bad)})
+        return web.json_response({**summary, "bad": [{"index": b.line, "reason": b.reason} for b in report.bad[:500]]})
 
     # ---- validating and changing
 

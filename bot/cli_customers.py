@@ -24,8 +24,8 @@ Import paid orders from a CSV file (UTF-8) with the header
 amount in yuan with up to 2 decimals; paid_at as 'YYYY-MM-DD HH:MM:SS' (Asia/Shanghai) or ISO-8601.
 Every row is checked first; all good rows are then written in one transaction, bad rows are listed
 by line number. Re-importing the same file changes nothing. Unknown external_userids become new
-customers. Exit code 1 when any row was bad or the file was unusable, 0 otherwise.
-Run `wecom-bot customers recompute-tags` afterwards to refresh the tags."""
+customers. The buyers' computed tags (RFM tier, 高价值, 新用户, ...) are recomputed right after.
+Exit code 1 when any row was bad or the file was unusable, 0 otherwise."""
 
 RECOMPUTE_DESCRIPTION = """\
 Recompute the computed tags of every customer from their orders and activity, with the thresholds
@@ -46,10 +46,14 @@ async def run_import_orders(
     now: datetime,
     source: str = "csv",
     progress_every: int = 1000,
+    tag_config: TagConfig | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> int:
-    """Import an order CSV, printing progress, bad rows and a summary; the exit code (0 ok, 1 bad rows)."""
+    """Import an order CSV, printing progress, bad rows and a summary; the exit code (0 ok, 1 bad rows).
+
+    With `tag_config`, the buyers' computed tags are recomputed right after the import.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     try:
@@ -59,10 +63,17 @@ async def run_import_orders(
         return 1
 
     def progress(phase: str, done: int, total: int) -> None:
-        print(f"[{phase}] {done}/{total} rows", file=out, flush=True)
+        unit = "customers" if phase == "tagged" else "rows"
+        print(f"[{phase}] {done}/{total} {unit}", file=out, flush=True)
 
     report = await import_orders(
-        text, repository, now=now, source=source, on_progress=progress, progress_every=progress_every
+        text,
+        repository,
+        now=now,
+        source=source,
+        on_progress=progress,
+        progress_every=progress_every,
+        tag_config=tag_config,
     )
     if report.error is not None:
         print(f"error: {path.name}: {report.error}; nothing was imported", file=err)
@@ -71,7 +82,8 @@ async def run_import_orders(
         print(f"{path.name}:{bad.line}: {bad.reason}", file=err)
     print(
         f"done: {report.rows} rows read, {report.imported} orders imported, {report.unchanged} already present, "
-        f"{report.customers_created} new customers, {len(report.bad)} bad rows",
+        f"{report.customers_created} new customers, {len(report.bad)} bad rows"
+        + (f"; tags recomputed for {report.tags_recomputed}, changed for {report.tags_changed}" if tag_config else ""),
         file=out,
     )
     return 0 if report.ok else 1
@@ -110,8 +122,13 @@ def _with_repository(work: Callable[[TagRepository, TagConfig], Awaitable[int]])
 
 def cmd_import_orders(args: argparse.Namespace) -> int:
     return _with_repository(
-        lambda repo, _config: run_import_orders(
-            args.file, repo, now=datetime.now(UTC), source=args.source, progress_every=args.progress_every
+        lambda repo, config: run_import_orders(
+            args.file,
+            repo,
+            now=datetime.now(UTC),
+            source=args.source,
+            progress_every=args.progress_every,
+            tag_config=config,
         )
     )
 

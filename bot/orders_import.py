@@ -14,14 +14,19 @@ Format (UTF-8, a BOM from Excel is fine), header row required, extra columns ign
   exports usually reach the bot before the customer first writes.
 
 Nothing is written when the header is wrong, and a database failure rolls the whole import back.
+
+`import_orders_records` takes the same four fields as already-parsed records (an orders API) with the same rules.
+Given a TagConfig, both recompute the computed tags of the customers that got new orders (and of customers of
+re-imported rows whose tags are outdated, e.g. after a recompute failed), in batches after the import commits.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -29,6 +34,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from bot.storage.tags_repository import OrderRow, TagRepository
+from handlers.tags import TagConfig
 
 COLUMNS = ("external_userid", "order_id", "amount", "paid_at")
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -60,6 +66,8 @@ class ImportReport:
     customers_created: int
     bad: tuple[BadRow, ...]
     error: str | None = None
+    tags_recomputed: int = 0  # customer rows whose computed tags were recomputed after the import
+    tags_changed: int = 0  # of which the computed tags changed
 
     @property
     def ok(self) -> bool:
@@ -147,21 +155,59 @@ def parse_orders_csv(text: str, now: datetime) -> ParsedOrders:
         if len(fields) != len(header):
             parsed.bad.append(BadRow(line, f"expected {len(header)} fields, got {len(fields)}"))
             continue
-        values = {c: fields[i].strip() for c, i in index.items()}
-        reason = _row_problem(values)
-        if reason is None:
-            try:
-                amount = parse_amount(values["amount"])
-                paid_at = parse_paid_at(values["paid_at"], now)
-            except ValueError as exc:
-                reason = str(exc)
-        if reason is None and values["order_id"] in first_line:
-            reason = f"duplicate order_id {values['order_id']!r} (first on line {first_line[values['order_id']]})"
-        if reason is not None:
-            parsed.bad.append(BadRow(line, reason))
+        _add_row(parsed, line, {c: fields[i].strip() for c, i in index.items()}, now, first_line)
+    return parsed
+
+
+def _add_row(
+    parsed: ParsedOrders, line: int, values: dict[str, str], now: datetime, first_line: dict[str, int]
+) -> None:
+    """Validate one row's four values into parsed.rows, or its reason into parsed.bad."""
+    reason = _row_problem(values)
+    if reason is None:
+        try:
+            amount = parse_amount(values["amount"])
+            paid_at = parse_paid_at(values["paid_at"], now)
+        except ValueError as exc:
+            reason = str(exc)
+    if reason is None and values["order_id"] in first_line:
+        reason = f"duplicate order_id {values['order_id']!r} (first on line {first_line[values['order_id']]})"
+    if reason is not None:
+        parsed.bad.append(BadRow(line, reason))
+        return
+    first_line[values["order_id"]] = line
+    parsed.rows.append(OrderRow(line, values["external_userid"], values["order_id"], amount, paid_at))
+
+
+def _record_value(column: str, value: object) -> str:
+    """A record field as the text a CSV cell would hold; ValueError for a type no CSV cell could be."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, datetime) and column == "paid_at":
+        return value.isoformat(sep=" ")
+    if isinstance(value, int) and not isinstance(value, bool) and column in ("order_id", "amount"):
+        return str(value)
+    if isinstance(value, float) and column == "amount" and math.isfinite(value):
+        return repr(value)  # the shortest text of the float: 199.5 stays "199.5", 0.1 + 0.2 is refused
+    raise ValueError(f"{column} must be a string, got {type(value).__name__}")
+
+
+def parse_order_records(records: Sequence[object], now: datetime) -> ParsedOrders:
+    """Validate already-parsed order records as CSV rows are validated; a bad record's line is its 1-based index."""
+    parsed = ParsedOrders()
+    first_line: dict[str, int] = {}
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, Mapping):
+            parsed.bad.append(BadRow(number, f"not an object with the fields {','.join(COLUMNS)}"))
             continue
-        first_line[values["order_id"]] = line
-        parsed.rows.append(OrderRow(line, values["external_userid"], values["order_id"], amount, paid_at))
+        try:
+            values = {c: _record_value(c, record.get(c)) for c in COLUMNS}
+        except ValueError as exc:
+            parsed.bad.append(BadRow(number, str(exc)))
+            continue
+        _add_row(parsed, number, values, now, first_line)
     return parsed
 
 
@@ -196,13 +242,65 @@ async def import_orders(
     source: str = "csv",
     on_progress: Callable[[str, int, int], None] | None = None,
     progress_every: int = 1000,
+    tag_config: TagConfig | None = None,
 ) -> ImportReport:
     """Validate an order CSV and import every good row in one transaction (all or nothing).
 
     on_progress(phase, done, total) is called every progress_every rows while validating ("validated") and
-    while writing ("written").
+    while writing ("written"); with tag_config, then every progress_every customers while recomputing their
+    computed tags ("tagged"). Without tag_config the tags are left to the daily job.
     """
     parsed = parse_orders_csv(text, now)
+    return await _import_parsed(
+        parsed,
+        repository,
+        now=now,
+        source=source,
+        on_progress=on_progress,
+        progress_every=progress_every,
+        tag_config=tag_config,
+    )
+
+
+async def import_orders_records(
+    records: Sequence[Mapping[str, object]],
+    repository: TagRepository,
+    *,
+    now: datetime,
+    tag_config: TagConfig,
+    source: str = "api",
+    on_progress: Callable[[str, int, int], None] | None = None,
+    progress_every: int = 1000,
+) -> ImportReport:
+    """Import already-parsed orders (external_userid, order_id, amount, paid_at) and recompute those customers' tags.
+
+    Each record is validated as a CSV row is (amount: yuan text or a number; paid_at: text or a datetime,
+    Asia/Shanghai when naive); a bad record is reported with its 1-based index as the line. Good records are
+    written in one transaction, then the customers that got new orders have their computed tags recomputed
+    with tag_config. Re-sending the same records changes nothing. Progress phases as in `import_orders`.
+    """
+    parsed = parse_order_records(records, now)
+    return await _import_parsed(
+        parsed,
+        repository,
+        now=now,
+        source=source,
+        on_progress=on_progress,
+        progress_every=progress_every,
+        tag_config=tag_config,
+    )
+
+
+async def _import_parsed(
+    parsed: ParsedOrders,
+    repository: TagRepository,
+    *,
+    now: datetime,
+    source: str,
+    on_progress: Callable[[str, int, int], None] | None,
+    progress_every: int,
+    tag_config: TagConfig | None,
+) -> ImportReport:
     total = len(parsed.rows) + len(parsed.bad)
     if on_progress is not None:
         on_progress("validated", total, total)
@@ -221,10 +319,26 @@ async def import_orders(
         for c in result.conflicts
     ]
     bad.sort(key=lambda b: b.line)
+    recomputed = changed = 0
+    if tag_config is not None:
+        # A re-import adds no order, but its customers may still be outdated (a recompute that failed last time).
+        targets = [*result.customer_ids, *await repository.needing_recompute_among(result.unchanged_customer_ids)]
+
+        def tagged(done: int, of: int) -> None:
+            if on_progress is not None:
+                on_progress("tagged", done, of)
+
+        if targets:
+            summary = await repository.recompute_customers(
+                targets, now, tag_config, reason="orders", batch_size=max(1, progress_every), on_progress=tagged
+            )
+            recomputed, changed = summary.customers, summary.changed
     return ImportReport(
         rows=total,
         imported=result.inserted,
         unchanged=result.unchanged,
         customers_created=result.customers_created,
         bad=tuple(bad),
+        tags_recomputed=recomputed,
+        tags_changed=changed,
     )

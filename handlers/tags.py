@@ -282,3 +282,15 @@ def profile(facts: CustomerFacts, now: datetime, config: TagConfig | None = None
 def computed_tags(facts: CustomerFacts, now: datetime, config: TagConfig | None = None) -> frozenset[str]:
     """The computed tag names of one customer at `now` (never empty)."""
     return profile(facts, now, config).tags
+
+
+ACTIVE_TAG = f"activity:{Activity.ACTIVE.value}"
+
+
+def recompute_due_on_inbound(computed: frozenset[str]) -> bool:
+    """Whether a message the customer just wrote can change their computed tags: none yet, or not active.
+
+    A customer already tagged active stays active whatever the new message; every other change (a new RFM
+    score, new → growing) comes from orders or the passing of time, which the daily job and imports cover.
+    """
+    return not computed or ACTIVE_TAG not in computed

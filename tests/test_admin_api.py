@@ -16,7 +16,8 @@ from bot.app import Services, create_app, open_services
 from bot.auth import new_token, token_hash
 from bot.settings import Settings
 from bot.storage.models import StaffRole
-from handlers.domain import SystemClock
+from handlers.domain import Channel, SystemClock
+from handlers.tags import TagSource
 from scripts_library import DEFAULT_LIBRARY
 from tests.conftest import Backend, make_settings
 
@@ -230,8 +231,49 @@ async def test_malformed_json_and_oversized_bodies(api: Api) -> None:
     assert response.status == 400 and (await response.json())["error"] == "bad_json"
     response = await api.client.put("/api/scripts/order.logistics", data=b"[1, 2]", headers=headers)
     assert response.status == 400
-    response = await api.client.put("/api/scripts/order.logistics", data=b" " * 300_000, headers=headers)
+    response = await api.client.put("/api/scripts/order.logistics", data=b" " * 1_100_000, headers=headers)
     assert response.status == 413
+
+
+# ------------------------------------------------------------------------------------------------ orders
+
+
+async def test_orders_by_api_are_stored_once_and_the_buyer_is_retagged(api: Api) -> None:
+    orders = [
+        {"external_userid": "wmBuyer01", "order_id": "A-1", "amount": "199.00", "paid_at": "2026-11-01 10:00:00"},
+        {"external_userid": "wmBuyer01", "order_id": "A-2", "amount": 88, "paid_at": "2026-11-02T10:00:00+08:00"},
+        {"external_userid": "wmBuyer02", "order_id": "B-1", "amount": "-5", "paid_at": "2026-11-01 10:00:00"},
+    ]
+    status, body = await api.call("POST", "/api/orders", json={"orders": orders})
+    assert status == 200, body
+    assert (body["ok"], body["rows"], body["imported"], body["unchanged"]) == (False, 3, 2, 0)
+    assert [b["index"] for b in body["bad"]] == [3] and "amount" in body["bad"][0]["reason"]
+    assert body["tags_recomputed"] >= 1
+
+    customers = api.services.repos.conversations
+    buyer = await customers.get_customer(Channel.CONTACT, "wmBuyer01")
+    assert buyer is not None
+    computed = (await api.services.repos.tags.tags_by_source(buyer.id))[TagSource.COMPUTED]
+    assert any(tag.startswith("rfm:") and tag != "rfm:none" for tag in computed), computed
+
+    status, again = await api.call("POST", "/api/orders", json={"orders": orders[:2]})
+    assert (status, again["ok"], again["imported"], again["unchanged"]) == (200, True, 0, 2)
+    status, audit = await api.call("GET", "/api/audit?target=orders:api")
+    assert [e["detail"]["imported"] for e in audit["entries"]] == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("role", "payload", "status"),
+    [
+        (StaffRole.LEAD, {"orders": [{"order_id": "x"}]}, 403),
+        (StaffRole.ADMIN, {"orders": []}, 400),
+        (StaffRole.ADMIN, {"orders": "A-1"}, 400),
+        (StaffRole.ADMIN, {"orders": [{"order_id": "x"}] * 5001}, 400),
+        (StaffRole.ADMIN, {"orders": [{"order_id": "x"}], "source": "x" * 33}, 400),
+    ],
+)
+async def test_order_requests_are_checked(api: Api, role: StaffRole, payload: object, status: int) -> None:
+    assert (await api.call("POST", "/api/orders", role=role, json=payload))[0] == status
 
 
 # ------------------------------------------------------------------------------------------------ other processes

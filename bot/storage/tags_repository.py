@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select
+import structlog
+from sqlalchemy import ColumnElement, delete, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
@@ -20,6 +21,8 @@ from bot.storage.models import Customer, CustomerTag, Direction, Message, Order
 from bot.storage.repositories import _insert
 from handlers.domain import Channel, Clock, KfOrigin, SystemClock
 from handlers.tags import CustomerFacts, PaidOrder, TagConfig, TagSource, computed_tags
+
+log = structlog.get_logger(__name__)
 
 TAGGED_CHANNELS = (Channel.KF.value, Channel.CONTACT.value)  # app senders are staff members, never tagged
 MAX_TAG_CHARS = 64
@@ -51,6 +54,35 @@ class OrdersWritten:
     unchanged: int  # already imported with the same content (a re-import)
     conflicts: tuple[OrderConflict, ...]
     customers_created: int
+    customer_ids: tuple[int, ...] = ()  # customers (contact rows) that got at least one new order, ascending
+    unchanged_customer_ids: tuple[int, ...] = ()  # customers of re-imported rows without a new order, ascending
+
+
+@dataclass(frozen=True, slots=True)
+class ComputedTagsChange:
+    """One customer row's computed tags before and after a recompute (before is empty when never computed)."""
+
+    customer_id: int
+    before: frozenset[str]
+    after: frozenset[str]
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after
+
+    @property
+    def added(self) -> frozenset[str]:
+        return self.after - self.before
+
+    @property
+    def removed(self) -> frozenset[str]:
+        return self.before - self.after
+
+
+@dataclass(frozen=True, slots=True)
+class TagsRecomputed:
+    customers: int  # customer rows recomputed (a customer's kf and contact rows count separately)
+    changed: int  # of which the computed tags changed
 
 
 def _check_tag(tag: str) -> str:
@@ -100,6 +132,8 @@ class TagRepository:
         conflicts: list[OrderConflict] = []
         if len({r.order_id for r in rows}) != len(rows):
             raise ValueError("order ids must be unique within one import")
+        with_new: set[int] = set()
+        unchanged_ids: set[int] = set()
         async with self._sessions.begin() as session:
             customer_ids: dict[str, int] = {}
             done = 0
@@ -123,6 +157,7 @@ class TagRepository:
                         )
                     elif (old[0], old[1]) == (customer_id, row.amount_cents) and _same_instant(old[2], row.paid_at):
                         unchanged += 1
+                        unchanged_ids.add(customer_id)
                     else:
                         conflicts.append(OrderConflict(row.line, row.order_id))
                 if new:
@@ -130,16 +165,26 @@ class TagRepository:
                         _insert(session, Order)
                         .values(new)
                         .on_conflict_do_nothing(index_elements=[Order.source, Order.external_order_id])
-                        .returning(Order.id)
+                        .returning(Order.customer_id)
                     )
-                    written = len((await session.execute(stmt)).scalars().all())
+                    owners = [int(i) for i in (await session.execute(stmt)).scalars().all()]
                     # A concurrent import of the same ids committed first; count those as re-imported.
-                    inserted += written
-                    unchanged += len(new) - written
+                    inserted += len(owners)
+                    unchanged += len(new) - len(owners)
+                    with_new.update(owners)
+                    if len(owners) < len(new):
+                        unchanged_ids.update(r["customer_id"] for r in new)
                 done += len(chunk)
                 if on_progress is not None:
                     on_progress(done)
-        return OrdersWritten(inserted, unchanged, tuple(conflicts), created)
+        return OrdersWritten(
+            inserted,
+            unchanged,
+            tuple(conflicts),
+            created,
+            tuple(sorted(with_new)),
+            tuple(sorted(unchanged_ids - with_new)),
+        )
 
     @staticmethod
     async def _resolve_customers(
@@ -271,94 +316,242 @@ class TagRepository:
         self, stale_before: datetime, *, after_id: int = 0, limit: int = 1000
     ) -> list[int]:
         """Taggable customers never computed, computed before stale_before, or seen or sold to since then."""
-        computed_at = (
-            select(func.min(CustomerTag.set_at))
-            .where(CustomerTag.customer_id == Customer.id, CustomerTag.source == TagSource.COMPUTED.value)
-            .correlate(Customer)
-            .scalar_subquery()
-        )
-        sibling = aliased(Customer)
-        newer_order = exists(
-            select(Order.id)
-            .join(sibling, sibling.id == Order.customer_id)
-            .where(
-                sibling.external_id == Customer.external_id,
-                sibling.channel.in_(TAGGED_CHANNELS),
-                Order.imported_at > computed_at,
-            )
-        ).correlate(Customer)
         stmt = (
             select(Customer.id)
-            .where(
-                Customer.channel.in_(TAGGED_CHANNELS),
-                Customer.id > after_id,
-                or_(
-                    computed_at.is_(None),
-                    computed_at < stale_before,
-                    Customer.last_seen_at > computed_at,
-                    newer_order,
-                ),
-            )
+            .where(Customer.channel.in_(TAGGED_CHANNELS), Customer.id > after_id, _needs_recompute(stale_before))
             .order_by(Customer.id)
             .limit(limit)
         )
         async with self._sessions() as session:
             return [int(i) for i in (await session.execute(stmt)).scalars().all()]
 
+    async def needing_recompute_among(self, customer_ids: Sequence[int]) -> list[int]:
+        """Those of customer_ids never computed, or seen or sold to since their last computation, ascending."""
+        found: list[int] = []
+        async with self._sessions() as session:
+            for chunk in _chunks(sorted(set(customer_ids))):
+                stmt = select(Customer.id).where(
+                    Customer.channel.in_(TAGGED_CHANNELS), Customer.id.in_(chunk), _needs_recompute(None)
+                )
+                found.extend(int(i) for i in (await session.execute(stmt)).scalars().all())
+        return sorted(found)
+
     async def customer_facts(self, customer_id: int) -> CustomerFacts | None:
         """What tags are computed from, gathered over the customer's kf and contact rows; None if unknown."""
         async with self._sessions() as session:
-            return await self._facts(session, customer_id)
+            return (await self._facts(session, [customer_id])).get(customer_id)
 
     @staticmethod
-    async def _facts(session: AsyncSession, customer_id: int) -> CustomerFacts | None:
+    async def _facts(session: AsyncSession, customer_ids: Sequence[int]) -> dict[int, CustomerFacts]:
+        """The facts of each known customer id, each gathered over its person's kf and contact rows."""
         me = (
-            await session.execute(select(Customer.channel, Customer.external_id).where(Customer.id == customer_id))
-        ).one_or_none()
-        if me is None:
-            return None
-        if me.channel in TAGGED_CHANNELS:
-            same_person = and_(Customer.external_id == me.external_id, Customer.channel.in_(TAGGED_CHANNELS))
-        else:
-            same_person = Customer.id == customer_id
-        rows = (await session.execute(select(Customer.id, Customer.first_seen_at).where(same_person))).all()
-        ids = [int(r.id) for r in rows]
-        orders = (
             await session.execute(
-                select(Order.amount_cents, Order.paid_at).where(Order.customer_id.in_(ids)).order_by(Order.paid_at)
+                select(Customer.id, Customer.channel, Customer.external_id).where(Customer.id.in_(customer_ids))
             )
         ).all()
-        # What the customer wrote; events and servicer lines are not the customer being active.
-        last_inbound = (
-            await session.execute(
-                select(func.max(Message.created_at)).where(
-                    Message.customer_id.in_(ids),
+        if not me:
+            return {}
+        tagged = {r.external_id for r in me if r.channel in TAGGED_CHANNELS}
+        untagged = [int(r.id) for r in me if r.channel not in TAGGED_CHANNELS]
+        # A person is the kf and contact rows sharing an external_userid; any other row stands alone.
+        person_of: dict[int, tuple[str, str]] = {}
+        first_seen: dict[tuple[str, str], datetime] = {}
+        rows: list[Any] = []
+        if tagged:
+            rows += [
+                (("person", r.external_id), r)
+                for r in (
+                    await session.execute(
+                        select(Customer.id, Customer.external_id, Customer.first_seen_at).where(
+                            Customer.external_id.in_(tagged), Customer.channel.in_(TAGGED_CHANNELS)
+                        )
+                    )
+                ).all()
+            ]
+        if untagged:
+            rows += [
+                (("row", str(r.id)), r)
+                for r in (
+                    await session.execute(select(Customer.id, Customer.first_seen_at).where(Customer.id.in_(untagged)))
+                ).all()
+            ]
+        for key, row in rows:
+            person_of[int(row.id)] = key
+            seen = first_seen.get(key)
+            first_seen[key] = row.first_seen_at if seen is None else min(seen, row.first_seen_at)
+        members = list(person_of)
+        orders: dict[tuple[str, str], list[PaidOrder]] = {}
+        for chunk in _chunks(members):
+            paid = (
+                select(Order.customer_id, Order.amount_cents, Order.paid_at)
+                .where(Order.customer_id.in_(chunk))
+                .order_by(Order.paid_at, Order.id)
+            )
+            for o in (await session.execute(paid)).all():
+                orders.setdefault(person_of[int(o.customer_id)], []).append(PaidOrder(int(o.amount_cents), o.paid_at))
+        last_inbound: dict[tuple[str, str], datetime] = {}
+        for chunk in _chunks(members):
+            # What the customer wrote; events and servicer lines are not the customer being active.
+            latest = (
+                select(Message.customer_id, func.max(Message.created_at))
+                .where(
+                    Message.customer_id.in_(chunk),
                     Message.direction == Direction.IN.value,
                     Message.msgtype != "event",
                     or_(Message.origin.is_(None), Message.origin == int(KfOrigin.CUSTOMER)),
                 )
+                .group_by(Message.customer_id)
             )
-        ).scalar_one_or_none()
-        if last_inbound is not None and last_inbound.tzinfo is None:
-            last_inbound = last_inbound.replace(tzinfo=UTC)  # func.max bypasses the column type on SQLite
-        return CustomerFacts(
-            first_seen_at=min(r.first_seen_at for r in rows),
-            last_inbound_at=last_inbound,
-            orders=tuple(PaidOrder(int(o.amount_cents), o.paid_at) for o in orders),
-        )
+            for owner, at in (await session.execute(latest)).all():
+                if owner is None or at is None:
+                    continue
+                if at.tzinfo is None:
+                    at = at.replace(tzinfo=UTC)  # func.max bypasses the column type on SQLite
+                key = person_of[int(owner)]
+                seen = last_inbound.get(key)
+                last_inbound[key] = at if seen is None else max(seen, at)
+        result: dict[int, CustomerFacts] = {}
+        for row in me:
+            key = person_of[int(row.id)]
+            result[int(row.id)] = CustomerFacts(
+                first_seen_at=first_seen[key],
+                last_inbound_at=last_inbound.get(key),
+                orders=tuple(orders.get(key, ())),
+            )
+        return result
 
     async def recompute_computed_tags(
-        self, customer_id: int, now: datetime, config: TagConfig | None = None
+        self, customer_id: int, now: datetime, config: TagConfig | None = None, *, reason: str = "recompute"
     ) -> frozenset[str] | None:
         """Read the facts and replace the computed tags in one transaction; None if the customer is unknown."""
         async with self._sessions.begin() as session:
-            await session.execute(select(Customer.id).where(Customer.id == customer_id).with_for_update())
-            facts = await self._facts(session, customer_id)
-            if facts is None:
-                return None
-            tags = computed_tags(facts, now, config)
-            await self._replace(session, customer_id, TagSource.COMPUTED, sorted(tags), self._now())
-            return tags
+            changes = await self._recompute(session, [customer_id], now, config, reason)
+        return changes[0].after if changes else None
+
+    async def recompute_customer(
+        self, customer_id: int, now: datetime, config: TagConfig | None = None, *, reason: str
+    ) -> list[ComputedTagsChange]:
+        """Recompute one customer's computed tags now, on each of its kf and contact rows, in one transaction.
+
+        The rows of one external_userid share their facts, so an event on one changes the tags of both. The
+        rules and the write are the daily job's (`recompute_computed_tags`); [] when the customer is unknown.
+        """
+        async with self._sessions.begin() as session:
+            ids = await self._with_same_person(session, [customer_id])
+            return await self._recompute(session, ids, now, config, reason)
+
+    async def recompute_customers(
+        self,
+        customer_ids: Iterable[int],
+        now: datetime,
+        config: TagConfig | None = None,
+        *,
+        reason: str,
+        batch_size: int = _CHUNK,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> TagsRecomputed:
+        """`recompute_customer` for many customers, one transaction per batch; on_progress(done, total) per batch."""
+        ordered = sorted(set(customer_ids))
+        customers = changed = done = 0
+        for chunk in _chunks(ordered, max(1, batch_size)):
+            async with self._sessions.begin() as session:
+                ids = await self._with_same_person(session, chunk)
+                changes = await self._recompute(session, ids, now, config, reason)
+            customers += len(changes)
+            changed += sum(c.changed for c in changes)
+            done += len(chunk)
+            if on_progress is not None:
+                on_progress(done, len(ordered))
+        return TagsRecomputed(customers, changed)
+
+    @staticmethod
+    async def _with_same_person(session: AsyncSession, customer_ids: Sequence[int]) -> list[int]:
+        """customer_ids plus the other kf and contact rows of the same external_userids, ascending."""
+        me = aliased(Customer)
+        people = select(me.external_id).where(me.id.in_(customer_ids), me.channel.in_(TAGGED_CHANNELS))
+        stmt = select(Customer.id).where(Customer.channel.in_(TAGGED_CHANNELS), Customer.external_id.in_(people))
+        siblings = {int(i) for i in (await session.execute(stmt)).scalars().all()}
+        return sorted(siblings | set(customer_ids))
+
+    async def _recompute(
+        self,
+        session: AsyncSession,
+        customer_ids: Sequence[int],
+        now: datetime,
+        config: TagConfig | None,
+        reason: str,
+    ) -> list[ComputedTagsChange]:
+        """Replace the computed tags of the known customer_ids from their facts at now; the one write path.
+
+        Every change is logged ("computed tags changed"), whichever caller recomputed: that is the record of
+        tag changes. Unchanged tags are rewritten too, so set_at says when they were last computed.
+        """
+        ids = sorted(set(customer_ids))
+        if not ids:
+            return []
+        # Replacements of one customer's tags queue on its row; rows are locked in id order (no deadlocks).
+        await session.execute(select(Customer.id).where(Customer.id.in_(ids)).order_by(Customer.id).with_for_update())
+        facts = await self._facts(session, ids)
+        known = [i for i in ids if i in facts]
+        if not known:
+            return []
+        before: dict[int, set[str]] = {}
+        stmt = select(CustomerTag.customer_id, CustomerTag.tag).where(
+            CustomerTag.customer_id.in_(known), CustomerTag.source == TagSource.COMPUTED.value
+        )
+        for owner, tag in (await session.execute(stmt)).all():
+            before.setdefault(int(owner), set()).add(tag)
+        changes = [
+            ComputedTagsChange(i, frozenset(before.get(i, ())), computed_tags(facts[i], now, config)) for i in known
+        ]
+        await session.execute(
+            delete(CustomerTag).where(
+                CustomerTag.customer_id.in_(known), CustomerTag.source == TagSource.COMPUTED.value
+            )
+        )
+        set_at = self._now()
+        values = [
+            {"customer_id": c.customer_id, "tag": t, "source": TagSource.COMPUTED.value, "set_at": set_at}
+            for c in changes
+            for t in sorted(c.after)
+        ]
+        for chunk in _chunks(values):
+            await session.execute(_insert(session, CustomerTag).values(list(chunk)))
+        for change in changes:
+            if change.changed:
+                log.info(
+                    "computed tags changed",
+                    customer_id=change.customer_id,
+                    added=sorted(change.added),
+                    removed=sorted(change.removed),
+                    reason=reason,
+                    at=now.isoformat(),
+                )
+        return changes
+
+
+def _needs_recompute(stale_before: datetime | None) -> ColumnElement[bool]:
+    """Customer rows never computed, computed before stale_before (if given), or seen or sold to since then."""
+    computed_at = (
+        select(func.min(CustomerTag.set_at))
+        .where(CustomerTag.customer_id == Customer.id, CustomerTag.source == TagSource.COMPUTED.value)
+        .correlate(Customer)
+        .scalar_subquery()
+    )
+    sibling = aliased(Customer)
+    newer_order = exists(
+        select(Order.id)
+        .join(sibling, sibling.id == Order.customer_id)
+        .where(
+            sibling.external_id == Customer.external_id,
+            sibling.channel.in_(TAGGED_CHANNELS),
+            Order.imported_at > computed_at,
+        )
+    ).correlate(Customer)
+    due: list[ColumnElement[bool]] = [computed_at.is_(None), Customer.last_seen_at > computed_at, newer_order]
+    if stale_before is not None:
+        due.append(computed_at < stale_before)
+    return or_(*due)
 
 
 async def upsert_contact_customer(session: AsyncSession, external_id: str, seen_at: datetime) -> int:
