@@ -31,7 +31,8 @@ from handlers.domain import Channel, InboundMessage, KfOrigin, OutboundMessage
 from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 
 TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "orders", "customer_tags", "answers",
-          "staff_users", "api_tokens", "audit_log", "script_revisions"}
+          "staff_users", "api_tokens", "audit_log", "script_revisions",
+          "sla_clocks", "sla_events", "csat_surveys"}
 T0 = 1_700_000_000
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -118,6 +119,7 @@ class Customer(Base):
     corp_tag_ids: Mapped[list[str]] = mapped_column(Json, default=list)
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_agent_id: Mapped[int | None] = mapped_column(BigId)  # a returning customer prefers this agent
 
 
 class Conversation(Base):
@@ -134,6 +136,8 @@ class Conversation(Base):
             postgresql_where=text("status <> 'resolved'"),
         ),
         Index(None, "customer_id"),
+        Index(None, "status", "team"),
+        Index(None, "assignee_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -147,6 +151,17 @@ class Conversation(Base):
     opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_inbound_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Handoff (support-desk vocabulary): who has it, why a person was asked for, and when each step happened.
+    assignee_id: Mapped[int | None] = mapped_column(BigId)  # staff_users.id (no FK: SQLite cannot add one later)
+    team: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(16), default="normal", server_default="normal")
+    handoff_reason: Mapped[str | None] = mapped_column(String(32))
+    handoff_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    no_match_streak: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # optimistic lock for claims
 
 
 class Message(Base):
@@ -299,6 +314,12 @@ class StaffUser(Base):
     password_hash: Mapped[str | None] = mapped_column(String(255))  # None: API tokens only, no console login
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Agent profile (handoff routing): skills, how many open conversations at once, and presence.
+    skills: Mapped[list[str]] = mapped_column(Json, default=list, server_default="[]")
+    capacity: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
+    presence: Mapped[str] = mapped_column(String(16), default="offline", server_default="offline")  # online/away
+    presence_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ApiToken(Base):
@@ -353,3 +374,61 @@ class ScriptRevision(Base):
     author: Mapped[str] = mapped_column(String(64))
     comment: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SlaClockRow(Base):
+    """One SLA clock of one conversation (handlers/sla.py SlaClock); times are epoch seconds, as there."""
+
+    __tablename__ = "sla_clocks"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "kind", "cycle"),
+        Index(None, "status", "next_deadline"),  # the sweep: running clocks whose next deadline has passed
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(BigId, ForeignKey("conversations.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    cycle: Mapped[int] = mapped_column(Integer)
+    policy_id: Mapped[str] = mapped_column(String(64))
+    target_seconds: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float] = mapped_column(Float)
+    ladder: Mapped[list[Any]] = mapped_column(Json, default=list)  # [[event kind, level, at], ...]
+    reached: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    next_deadline: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+
+
+class SlaEventRow(Base):
+    """One SLA event (applied, warned, breached, escalated, fulfilled, stopped), written exactly once."""
+
+    __tablename__ = "sla_events"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "clock", "cycle", "kind", "level"),
+        Index(None, "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(BigId, ForeignKey("conversations.id"))
+    clock: Mapped[str] = mapped_column(String(32))
+    cycle: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    level: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float)
+    due_at: Mapped[float] = mapped_column(Float)
+    met: Mapped[bool | None] = mapped_column(Boolean)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CsatSurvey(Base):
+    """The satisfaction survey of one resolved conversation: asked once, answered at most once (1-5)."""
+
+    __tablename__ = "csat_surveys"
+    __table_args__ = (UniqueConstraint("conversation_id"), CheckConstraint("score BETWEEN 1 AND 5", name="score"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int] = mapped_column(BigId, ForeignKey("conversations.id"))
+    agent_id: Mapped[int | None] = mapped_column(BigId)
+    asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    score: Mapped[int | None] = mapped_column(Integer)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
