@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import operator
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from scripts_library.model import (
     Triggers,
     Variant,
 )
-from scripts_library.text import TemplateError, normalize_term, parse_template, regex_problem
+from scripts_library.text import TemplateError, normalize_term, regex_problem, template_parts
 
 TAGS_FILE = "tags.yaml"
 PLACEHOLDERS_FILE = "placeholders.yaml"
@@ -50,6 +53,13 @@ _VARIANT_KEYS = {"name", "tags", "priority", "weight", "reply"}
 _ACTIVE_KEYS = {"from", "until", "daily", "timezone"}
 _REPLY_KINDS = ("text", "markdown", "image", "file", "link", "msgmenu")
 _MENU_KINDS = ("click", "view", "miniprogram", "text")
+
+
+_NULL = "tag:yaml.org,2002:null"
+
+
+_NO_TRIGGERS = Triggers()
+_EVERYONE = Audience()  # immutable, so one instance serves every script without an audience
 
 
 def _line(node: Node) -> int:
@@ -75,36 +85,37 @@ class _File:
             self.problem(node, f"{what} must be a mapping")
             return {}
         out: dict[str, tuple[Node, Node]] = {}
-        for key, value in node.value:
+        for pair in node.value:  # the composer's own (key, value) tuples, kept as they are
+            key = pair[0]
             if not isinstance(key, ScalarNode):
                 self.problem(key, f"{what}: keys must be plain words")
                 continue
-            name = str(key.value)
+            name: str = key.value
             if name in out:
                 self.problem(key, f"{what}: duplicate key {name!r} (first on line {_line(out[name][0])})")
                 continue
             if allowed is not None and name not in allowed:
                 self.problem(key, f"{what}: unknown key {name!r} (expected one of {', '.join(sorted(allowed))})")
                 continue
-            out[name] = (key, value)
+            out[name] = pair
         return out
 
     def string(self, node: Node, what: str, *, required: bool = True) -> str | None:
-        if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:null":
-            if required or isinstance(node, MappingNode | SequenceNode):
-                self.problem(node, f"{what} must be text")
-            return None
-        value = str(node.value)
-        if required and not value.strip():
-            self.problem(node, f"{what} must not be empty")
-            return None
-        return value
+        if isinstance(node, ScalarNode) and node.tag != _NULL:
+            value: str = node.value
+            if required and (not value or value.isspace()):
+                self.problem(node, f"{what} must not be empty")
+                return None
+            return value
+        if required or isinstance(node, MappingNode | SequenceNode):
+            self.problem(node, f"{what} must be text")
+        return None
 
     def strings(self, node: Node, what: str) -> list[tuple[str, Node]]:
-        if isinstance(node, ScalarNode) and node.tag != "tag:yaml.org,2002:null":
-            items: list[Node] = [node]
-        elif isinstance(node, SequenceNode):
-            items = list(node.value)
+        if isinstance(node, SequenceNode):
+            items: list[Node] = node.value
+        elif isinstance(node, ScalarNode) and node.tag != _NULL:
+            items = [node]
         else:
             self.problem(node, f"{what} must be a list of texts")
             return []
@@ -127,12 +138,11 @@ class _File:
         return value
 
     def tag_set(self, node: Node, what: str) -> frozenset[str]:
-        out: set[str] = set()
-        for tag, item in self.strings(node, what):
+        entries = self.strings(node, what)
+        for tag, item in entries:
             if tag not in self.tags:
                 self.problem(item, f"unknown tag {tag!r} in {what} (declare it in {TAGS_FILE})")
-            out.add(tag)
-        return frozenset(out)
+        return frozenset([tag for tag, _ in entries])
 
     # --- content -------------------------------------------------------------------------------------------
 
@@ -141,18 +151,14 @@ class _File:
         if value is None:
             return ""
         try:
-            tokens = parse_template(value)
+            names, size = template_parts(value)
         except TemplateError as exc:
             self.problem(node, f"{what}: {exc}")
             return value
-        size = 0
-        for token in tokens:
-            if token.placeholder:
-                if token.placeholder not in self.placeholders:
-                    self.problem(node, f"unknown placeholder {{{token.placeholder}}} in {what}")
-                size += self.limits.placeholder_value_bytes
-            else:
-                size += len(token.literal.encode())
+        for name in names:
+            if name not in self.placeholders:
+                self.problem(node, f"unknown placeholder {{{name}}} in {what}")
+        size += len(names) * self.limits.placeholder_value_bytes
         if limit is not None and size > limit:
             self.problem(
                 node,
@@ -175,11 +181,10 @@ class _File:
         m = self.mapping(node, "reply item")
         if not m:
             return None
-        kinds = [k for k in m if k in _REPLY_KINDS]
-        if len(m) != 1 or len(kinds) != 1:
+        kind = next(iter(m))
+        if len(m) != 1 or kind not in _REPLY_KINDS:
             self.problem(node, f"a reply item has exactly one of {', '.join(_REPLY_KINDS)}")
             return None
-        kind = kinds[0]
         value = m[kind][1]
         lim = self.limits
         if kind == "text":
@@ -316,16 +321,20 @@ class _File:
         got: dict[str, tuple[str, ...]] = {}
         for key, (_, value) in f.items():
             entries = self.strings(value, key)
-            for text, item in entries:
-                if key in ("keywords_any", "keywords_all", "phrases") and not normalize_term(text):
-                    self.problem(item, f"{key}: {text!r} is empty after normalisation")
-                if key == "regex":
+            if key == "regex":
+                for text, item in entries:
                     cause = regex_problem(text, self.limits.regex_chars)
                     if cause:
                         self.problem(item, f"{cause}: {text!r}")
-                if key == "events" and text not in KNOWN_EVENTS:
-                    self.problem(item, f"unknown event {text!r} (known: {', '.join(sorted(KNOWN_EVENTS))})")
-            got[key] = tuple(text for text, _ in entries)
+            elif key == "events":
+                for text, item in entries:
+                    if text not in KNOWN_EVENTS:
+                        self.problem(item, f"unknown event {text!r} (known: {', '.join(sorted(KNOWN_EVENTS))})")
+            elif key != "menu_ids":  # keywords_any, keywords_all, phrases
+                for text, item in entries:
+                    if not normalize_term(text):
+                        self.problem(item, f"{key}: {text!r} is empty after normalisation")
+            got[key] = tuple([text for text, _ in entries])
         return Triggers(**got)
 
     def window(self, node: Node) -> ActiveWindow | None:
@@ -410,11 +419,12 @@ class _File:
         title = self.string(f["title"][1], "title") if "title" in f else None
         if "title" not in f:
             self.problem(node, "script needs a title")
-        examples = tuple(t for t, _ in self.strings(f["examples"][1], "examples")) if "examples" in f else ()
-        triggers = self.triggers(f["triggers"][1]) if "triggers" in f else Triggers()
-        if not any(getattr(triggers, k) for k in _TRIGGER_KEYS):
+        examples = tuple([t for t, _ in self.strings(f["examples"][1], "examples")]) if "examples" in f else ()
+        triggers = self.triggers(f["triggers"][1]) if "triggers" in f else _NO_TRIGGERS
+        t = triggers
+        if not (t.keywords_any or t.keywords_all or t.phrases or t.regex or t.menu_ids or t.events):
             self.problem(f["triggers"][1] if "triggers" in f else node, "script needs at least one trigger")
-        audience = Audience()
+        audience = _EVERYONE
         if "audience" in f:
             a = self.mapping(f["audience"][1], "audience", _AUDIENCE_KEYS)
             audience = Audience(**{k: self.tag_set(v, f"audience {k}") for k, (_, v) in a.items()})
@@ -454,25 +464,39 @@ class _File:
 
 
 def _fast_loader() -> type[yaml.SafeLoader] | None:
-    """libyaml's parser when PyYAML was built with it (the same nodes and marks, many times faster), with the
-    SafeLoader's tag resolution memoised: it depends only on the node kind, the scalar and its implicit flags
-    (a SafeLoader has no path resolvers)."""
+    """libyaml's parser when PyYAML was built with it (the same nodes and marks, many times faster), with a
+    cheaper tag resolution: libyaml calls back into Python for every node, which made resolving cost about a
+    third of composing. Only plain scalars can resolve to anything but str, and only those starting with a
+    character of the implicit-resolver table (digits, signs, `t`, `n`, `~`, ...); these are memoised (the
+    result depends only on the text, as a SafeLoader has no path resolvers)."""
     base: type[yaml.SafeLoader] | None = getattr(yaml, "CSafeLoader", None)
     if base is None or base.yaml_path_resolvers:
         return base
     resolve = base.resolve
-    cache: dict[tuple[Any, Any, Any], str] = {}
+    scalar, sequence, mapping = base.DEFAULT_SCALAR_TAG, base.DEFAULT_SEQUENCE_TAG, base.DEFAULT_MAPPING_TAG
+    cache: dict[str, str] = {}
 
     class _Loader(base):  # type: ignore[valid-type,misc]
+        # libyaml calls these two around every node. With no path resolvers they do nothing; as builtins they
+        # cost no Python frame, which saves about a tenth of composing.
+        descend_resolver = staticmethod(operator.is_)  # called as (parent, index)
+        ascend_resolver = staticmethod(tuple)  # called with no arguments
+
         def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-            key = (kind, value, implicit)
+            if kind is not ScalarNode:
+                return sequence if kind is SequenceNode else mapping
+            if not implicit[0]:  # quoted, or tagged `!`: never resolved implicitly
+                return scalar
+            table = self.yaml_implicit_resolvers
+            if value and value[0] not in table and None not in table:
+                return scalar
             try:
-                return cache[key]
-            except (KeyError, TypeError):
+                return cache[value]
+            except KeyError:
                 pass
             tag = str(resolve(self, kind, value, implicit))  # type: ignore[no-untyped-call]
-            if isinstance(value, str) and len(cache) < 100_000:
-                cache[key] = tag
+            if len(cache) < 100_000:
+                cache[value] = tag
             return tag
 
     return _Loader
@@ -482,7 +506,9 @@ _FAST_LOADER = _fast_loader()
 
 
 # An alias is a node starting with `*`: at a line start or after a space or flow/indicator character. Text
-# without this (a `*` inside a word or a regex like `\s*`) cannot hold one; with it, the tree is checked.
+# without this (a `*` inside a word or a regex like `\s*`) cannot hold one; with it, the tree is checked. An alias
+# also needs an anchor (`&`) before it, or composing fails; `&` is looked for first because the regex is slow to
+# scan a large file with (a tenth of a second for the benchmark's 5 MB, run on every cold load).
 _ALIAS_START = re.compile(r"(?:^|[\s\[\]{},:?-])\*", re.MULTILINE)
 
 
@@ -511,7 +537,7 @@ def _compose_fast(text: str) -> Node | None:
         root = yaml.compose(text, Loader=_FAST_LOADER)
     except yaml.YAMLError as exc:
         raise LookupError("error") from exc
-    if root is not None and _ALIAS_START.search(text) and _has_alias(root):
+    if root is not None and "&" in text and _ALIAS_START.search(text) and _has_alias(root):
         raise LookupError("alias")
     return root
 
@@ -601,39 +627,31 @@ def build_library(sources: Mapping[str, str], limits: Limits = LIMITS) -> Librar
 def _build_library(sources: Mapping[str, str], limits: Limits) -> Library | list[Problem]:
     problems: list[Problem] = []
     tags, placeholders = _vocabulary(sources, problems, limits)
+    vocabulary = _Vocabulary(frozenset(tags), frozenset(placeholders), limits)
     scripts: list[Script] = []
     first_seen: dict[str, tuple[str, int]] = {}
     for name in sorted(sources):
         if Path(name).name in (TAGS_FILE, PLACEHOLDERS_FILE):
             continue
         text = sources[name]
-        if len(text.encode()) > limits.file_bytes:
+        data = text.encode()
+        if len(data) > limits.file_bytes:
             problems.append(Problem(name, 1, f"file is over the {limits.file_bytes}-byte cap"))
             continue
-        root = _compose(name, text, problems)
-        if root is None:
-            continue
-        walker = _File(name, problems, frozenset(tags), placeholders, limits)
-        top = walker.mapping(root, "file", {"scripts"})
-        if "scripts" not in top:
-            if top or isinstance(root, MappingNode):
-                walker.problem(root, "a script file is a mapping with a `scripts:` list")
-            continue
-        seq = top["scripts"][1]
-        if not isinstance(seq, SequenceNode):
-            walker.problem(seq, "scripts must be a list")
-            continue
-        for node in seq.value:
-            script_id = _peek_id(node)
-            if script_id is not None and script_id in first_seen:
-                file, line = first_seen[script_id]
-                walker.problem(node, f"duplicate id {script_id!r} (first in {file}:{line})")
-                continue
-            if script_id is not None:
-                first_seen[script_id] = (name, _line(node))
-            script = walker.script(node)
-            if script is not None:
-                scripts.append(script)
+        checked = _checked_file(name, text, data, vocabulary, placeholders)
+        problems.extend(checked.problems)
+        for entry in checked.entries:
+            if entry.script_id is not None:
+                if entry.script_id in first_seen:
+                    file, line = first_seen[entry.script_id]
+                    problems.append(
+                        Problem(name, entry.line, f"duplicate id {entry.script_id!r} (first in {file}:{line})")
+                    )
+                    continue
+                first_seen[entry.script_id] = (name, entry.line)
+            problems.extend(entry.problems)
+            if entry.script is not None:
+                scripts.append(entry.script)
     if problems:
         return sorted(set(problems), key=lambda p: (p.file, p.line, p.message))
     return Library(
@@ -641,6 +659,82 @@ def _build_library(sources: Mapping[str, str], limits: Limits) -> Library | list
         tags=frozenset(tags),
         placeholders=tuple(sorted(placeholders.items())),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Vocabulary:
+    """Everything outside a script file that its validation depends on."""
+
+    tags: frozenset[str]
+    placeholders: frozenset[str]
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One item of a file's `scripts:` list, validated on its own. Whether its id repeats one in an earlier item
+    or file is decided over the whole library (and then its own problems are not reported)."""
+
+    script_id: str | None
+    line: int
+    script: Script | None
+    problems: tuple[Problem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A script file validated against one vocabulary."""
+
+    problems: tuple[Problem, ...]  # the file's own: YAML syntax, aliases, layout
+    entries: tuple[_Entry, ...]
+
+
+# File name -> (content digest, vocabulary, result) of its last validation. A reload re-validates only the files
+# whose bytes (or the vocabulary) changed; one entry per name, so an edited file replaces its old version, and
+# at most _CHECKED_FILES names (run-time edits arrive under new names) are kept, least recently used dropped.
+_checked: dict[str, tuple[bytes, _Vocabulary, _Checked]] = {}
+_checked_lock = threading.Lock()
+_CHECKED_FILES = 4096
+
+
+def _checked_file(
+    name: str, text: str, data: bytes, vocabulary: _Vocabulary, placeholders: Mapping[str, str | None]
+) -> _Checked:
+    digest = hashlib.blake2b(data, digest_size=20).digest()
+    with _checked_lock:
+        cached = _checked.pop(name, None)
+        if cached is not None and cached[0] == digest and cached[1] == vocabulary:
+            _checked[name] = cached
+            return cached[2]
+    checked = _check_file(name, text, vocabulary, placeholders)
+    with _checked_lock:
+        _checked[name] = (digest, vocabulary, checked)
+        while len(_checked) > _CHECKED_FILES:
+            del _checked[next(iter(_checked))]
+    return checked
+
+
+def _check_file(name: str, text: str, vocabulary: _Vocabulary, placeholders: Mapping[str, str | None]) -> _Checked:
+    problems: list[Problem] = []
+    root = _compose(name, text, problems)
+    if root is None:
+        return _Checked(tuple(problems), ())
+    walker = _File(name, problems, vocabulary.tags, placeholders, vocabulary.limits)
+    top = walker.mapping(root, "file", {"scripts"})
+    if "scripts" not in top:
+        if top or isinstance(root, MappingNode):
+            walker.problem(root, "a script file is a mapping with a `scripts:` list")
+        return _Checked(tuple(problems), ())
+    seq = top["scripts"][1]
+    if not isinstance(seq, SequenceNode):
+        walker.problem(seq, "scripts must be a list")
+        return _Checked(tuple(problems), ())
+    entries: list[_Entry] = []
+    for node in seq.value:
+        walker.problems = []
+        script = walker.script(node)
+        entries.append(_Entry(_peek_id(node), _line(node), script, tuple(walker.problems)))
+    return _Checked(tuple(problems), tuple(entries))
 
 
 def _files(root: Path) -> Iterable[Path]:
