@@ -21,6 +21,9 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.admin_api import create_api_app
+from bot.console import create_console_app
+from bot.console.handoff_actions import HandoffConsoleActions
+from bot.handoff import HandoffService
 from bot.ingress import callback_routes
 from bot.kf_sync import KfPuller
 from bot.metrics import Metrics
@@ -33,9 +36,14 @@ from bot.redis_keys import RedisKeys
 from bot.scripts_overlay import EMPTY_OVERLAY, Overlay, RevisionOverlaySource
 from bot.scripts_reload import ScriptsWatcher, Snapshot, StatSignature, load_with_snapshot, problems_summary
 from bot.settings import Settings, SettingsError
+from bot.sidebar import create_sidebar_app
+from bot.sla_store import SlaStore
+from bot.sla_sweep import RedisLock, SlaSweeper, sweep_ctx
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
+from bot.storage.handoff_repository import HandoffRepository, SlaRepository
 from bot.storage.repositories import Repositories
 from bot.storage.tags_repository import TagRepository
+from bot.support_config import SupportConfig, SupportConfigError, load_support_config
 from bot.tag_sync import CorpTagSyncer
 from bot.wecom.client import RobotClient, WeComClient
 from bot.wecom.crypto import CallbackCrypto
@@ -292,6 +300,17 @@ class Services:
     scripts: ScriptBook
     scripts_watcher: ScriptsWatcher
     workers: list[WorkerRuntime] = field(default_factory=list)
+    handoff: HandoffService | None = None
+
+
+def _support_config(settings: Settings) -> SupportConfig:
+    """The handoff configuration; an invalid file stops start-up with every problem listed."""
+    try:
+        return load_support_config(settings.support_config_path or None)
+    except SupportConfigError as exc:
+        raise SettingsError(
+            "SUPPORT_CONFIG_PATH: the support configuration is invalid:\n" + "\n".join(f"  {p}" for p in exc.problems)
+        ) from None
 
 
 async def ensure_schema(engine: AsyncEngine, settings: Settings) -> None:
@@ -314,6 +333,7 @@ async def open_services(
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
     scripts = ScriptBook.load(settings.scripts_dir)  # before any resource: an invalid library stops start-up
+    support = _support_config(settings)
     keys = RedisKeys(settings.redis_key_prefix)
     redis = create_redis(settings)
     engine = create_engine(settings)
@@ -344,6 +364,18 @@ async def open_services(
         robot = RobotClient(http, settings.wecom_api_base, metrics=metrics)
         puller = KfPuller(kf_client, queue, repos.cursors, redis, keys)
         sender = WeComSender(app_client, kf_client, settings.wecom_agent_id)
+        # Handoff: the support config, SLA store and the handoff service the pipeline and the console call.
+        handoff = HandoffService(
+            repos,
+            HandoffRepository(sessions, clock),
+            SlaStore(SlaRepository(sessions, clock), support),
+            support,
+            kf_client,
+            sender,
+            clock,
+            console_base_url=settings.bot_public_url or f"http://localhost:{settings.bot_port}",
+            drain_lock=RedisLock(redis, keys.handoff_drain_lock()),
+        )
         # 客户联系 APIs take the app secret's token.
         tag_syncer = CorpTagSyncer(app_client, repos, sessions, clock=clock)
         pipeline = Pipeline(
@@ -354,6 +386,8 @@ async def open_services(
             clock,
             scripts=scripts,
             tag_syncer=tag_syncer,
+            tag_config=settings.tag_config,  # computed tags recomputed on the events that change them
+            handoff=handoff,
         )
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
         scripts_watcher = ScriptsWatcher(
@@ -383,6 +417,7 @@ async def open_services(
             pipeline=pipeline,
             scripts=scripts,
             scripts_watcher=scripts_watcher,
+            handoff=handoff,
         )
     finally:
         await http.close()
@@ -437,9 +472,19 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
 
     app.cleanup_ctx.append(workers_ctx)
     app.cleanup_ctx.append(scripts_reload_ctx)
+    app.cleanup_ctx.append(  # the SLA sweep and the queue drain, every second
+        sweep_ctx(lambda: SlaSweeper(services.handoff, services.clock) if services.handoff else None)
+    )
     if settings.tag_recompute_enabled:
         app.cleanup_ctx.append(tag_recompute_ctx)
     app.add_routes(callback_routes(services.crypto, services.queue, services.metrics, settings, services.clock))
     app.add_routes(ops_routes(services))
     app.add_subapp("/api", create_api_app(services))
+    actions = (
+        HandoffConsoleActions(services.handoff, services.redis, services.keys.prefix)
+        if services.handoff is not None
+        else None
+    )
+    app.add_subapp("/console", create_console_app(services, actions=actions))
+    app.add_subapp("/sidebar", create_sidebar_app(services))
     return app

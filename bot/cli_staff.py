@@ -10,12 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.auth import ROLE_PERMISSIONS, new_token, token_hash
 from bot.cli_args import positive_int, run_with_database
+from bot.console.passwords import register_passwd
 from bot.settings import Settings
 from bot.storage.models import StaffRole
 from bot.storage.staff_repository import AuditRepository, DuplicateUsername, StaffRepository
 
 STAFF_DESCRIPTION = """\
-Staff accounts: who may use the admin API (and, later, the console), with one role each:
+Staff accounts: who may use the admin API and the console (/console), with one role each:
 """ + "\n".join(f"  {role.value:<10} {', '.join(sorted(ROLE_PERMISSIONS[role]))}" for role in StaffRole)
 
 TOKENS_DESCRIPTION = """\
@@ -137,10 +138,14 @@ def register(subparsers: Any) -> None:
         )
     )
     actions.add_parser("list", help="list staff accounts").set_defaults(func=lambda a: _run(list_staff))
-    for verb, active in (("disable", False), ("enable", True)):
-        parser = actions.add_parser(verb, help=f"{verb} an account (its tokens stop or start working)")
+    for verb, active, effect in (
+        ("disable", False, "its tokens and console sessions stop working"),
+        ("enable", True, "its tokens work again"),
+    ):
+        parser = actions.add_parser(verb, help=f"{verb} an account ({effect})")
         parser.add_argument("username")
         parser.set_defaults(func=lambda a, on=active: _run(lambda s: set_staff_active(s, a.username, on)))
+    register_passwd(actions, _run)  # `staff passwd USERNAME`: the console login
 
     tokens = subparsers.add_parser(
         "tokens", help="API tokens for staff accounts", description=TOKENS_DESCRIPTION, formatter_class=formatter

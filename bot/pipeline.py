@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
 
 from bot.outbound import reply_idempotency_key
 from bot.queue import MalformedEntry, QueueEntry
-from bot.storage.models import AnswerStatus, MessageStatus
+from bot.storage.handoff_repository import WITH_HUMANS, HandoffConversation
+from bot.storage.models import AnswerStatus, ConversationStatus, MessageStatus
 from bot.storage.repositories import InboundRecord, Repositories
 from bot.wecom.errors import WeComApiError
 from bot.wecom.parse import CallbackParseError, kf_message_to_inbound, parse_plaintext, to_inbound
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Channel, Clock, HandlerContext, InboundMessage, KfOrigin, OutboundMessage
+from handlers.handoff import (
+    HandoffTrigger,
+    HandoffTriggers,
+    handoff_script_ids,
+    is_customer_text,
+    next_no_match_streak,
+    no_match_script_ids,
+    no_match_trigger,
+    tag_policy_trigger,
+    text_trigger,
+)
+from handlers.tags import TagConfig, TagSource, recompute_due_on_inbound
 from scripts_library import Matcher
 
 log = structlog.get_logger(__name__)
@@ -36,6 +50,12 @@ TAG_DEFINITIONS_EVENT = "change_external_tag"  # corp tags or groups created, re
 # A sync runs before the welcome, whose code lives 20 s (§5.5): it gets a bounded share of that.
 TAG_SYNC_TIMEOUT_S = 5.0
 KF_ENTER_SESSION = "enter_session"
+CONTACT_ADDED = "add_external_contact"
+
+# Why computed tags are recomputed before dispatch (also the `reason` of the "computed tags changed" log).
+RECOMPUTE_ON_INBOUND = "inbound"  # the customer wrote: a silent or churned customer is active again
+RECOMPUTE_ON_ENTER_SESSION = "enter_session"  # a kf customer never computed opens the chat
+RECOMPUTE_ON_CONTACT_ADDED = "contact_added"  # a member added the customer (新用户 when first seen now)
 
 
 class ReplySender(Protocol):
@@ -54,6 +74,39 @@ class TagSyncPort(Protocol):
     async def sync_if_never_synced(self, customer_id: int, external_userid: str) -> bool: ...
 
     def invalidate_tag_list(self) -> None: ...
+
+
+# Handler names stored on messages the handoff path handled instead of the dispatcher.
+QUIET_HANDLER = "handoff_quiet"  # the customer wrote while people have the conversation: the bot stays quiet
+HANDOFF_HANDLER = "handoff"  # a tag policy sent the customer straight to a person
+SERVICER_HANDLER = "servicer_line"  # a servicer wrote from the WeCom client (kf origin 5)
+
+
+class HandoffPort(Protocol):
+    """Handoff to people (bot.handoff.HandoffService), as the pipeline uses it."""
+
+    @property
+    def triggers(self) -> HandoffTriggers: ...
+
+    async def conversation(self, conversation_id: int) -> HandoffConversation | None: ...
+
+    async def handoff(
+        self, conversation_id: int, trigger: HandoffTrigger, *, defer_out_of_hours: bool = False
+    ) -> Any: ...
+
+    async def customer_wrote(self, conversation: HandoffConversation, at: float) -> None: ...
+
+    async def servicer_wrote(
+        self, conversation: HandoffConversation, servicer_userid: str | None, at: float
+    ) -> None: ...
+
+    async def no_match_run(
+        self, conversation: HandoffConversation, before_message_id: int, no_match_scripts: frozenset[str]
+    ) -> int: ...
+
+    async def set_no_match_streak(self, conversation_id: int, streak: int) -> None: ...
+
+    async def kf_event(self, message: InboundMessage, conversation: HandoffConversation | None) -> None: ...
 
 
 class ScriptSource(Protocol):
@@ -77,6 +130,8 @@ class Pipeline:
         scripts: ScriptSource | None = None,
         tag_syncer: TagSyncPort | None = None,
         tag_sync_timeout_s: float = TAG_SYNC_TIMEOUT_S,
+        tag_config: TagConfig | None = None,
+        handoff: HandoffPort | None = None,
     ) -> None:
         self._repos = repos
         self._dispatcher = dispatcher
@@ -86,6 +141,8 @@ class Pipeline:
         self._scripts = scripts
         self._tag_syncer = tag_syncer
         self._tag_sync_timeout_s = tag_sync_timeout_s
+        self._tag_config = tag_config  # None: computed tags change only by the daily job and order imports
+        self._handoff = handoff  # None: no handoff (the bot answers everything, as before)
 
     async def process(self, entry: QueueEntry) -> None:
         """Handle one entry; raising leaves it pending so the worker retries (then dead-letters) it."""
@@ -120,9 +177,28 @@ class Pipeline:
             await messages.mark_status(record.id, MessageStatus.UNKNOWN)
             return
         await self._sync_corp_tags(message, record)
-        context = await self._context(message, record)
+        tags = await self._customer_tags(message, record)
+        conversation = await self._handoff_conversation(message, record)
+        handoff = self._handoff
+        if (
+            conversation is None
+            and handoff is not None
+            and message.channel is Channel.KF
+            and message.msgtype == "event"
+        ):
+            await handoff.kf_event(message, None)  # servicer_status_change has no customer, so no conversation
+        if conversation is not None:
+            handled_by = await self._before_dispatch(message, conversation, tags or frozenset())
+            if handled_by is not None:
+                await messages.mark_handled(record.id, handled_by)
+                bound.info("message handled", handler=handled_by, replies=0)
+                return
+        context = await self._context(message, record, tags)
         dispatch = await self._dispatcher.dispatch(message, context)
         replies = list(dispatch.replies)
+        trigger: HandoffTrigger | None = None
+        if conversation is not None:
+            trigger, replies = await self._after_dispatch(message, record, conversation, context, replies)
         if message.channel is Channel.KF and len(replies) > KF_MAX_REPLIES_PER_MESSAGE:
             bound.warning(
                 "kf replies truncated to the per-message quota",
@@ -141,8 +217,75 @@ class Pipeline:
                 continue
             outcomes.append(await self._send_once(record.id, message, seq, reply))
         await self._record_answers(record, message, context, replies, outcomes)
+        if trigger is not None and conversation is not None and self._handoff is not None:
+            # After the replies: they go out while the session is still the bot's (0/1), before it moves on.
+            await self._handoff.handoff(conversation.id, trigger)
         await messages.mark_handled(record.id, dispatch.handler_name)
         bound.info("message handled", handler=dispatch.handler_name, replies=len(replies))
+
+    async def _handoff_conversation(self, message: InboundMessage, record: InboundRecord) -> HandoffConversation | None:
+        """The kf conversation as handoff sees it, when handoff is on (None otherwise)."""
+        if self._handoff is None or message.channel is not Channel.KF or record.conversation_id is None:
+            return None
+        return await self._handoff.conversation(record.conversation_id)
+
+    async def _before_dispatch(
+        self, message: InboundMessage, conversation: HandoffConversation, tags: frozenset[str]
+    ) -> str | None:
+        """Servicer lines, kf events, the quiet bot and tag policies; the handler name when nothing is dispatched."""
+        handoff = self._handoff
+        assert handoff is not None
+        at = float(message.created_at) if message.created_at > 0 else self._clock.now()
+        if message.origin == KfOrigin.SERVICER and message.msgtype != "event":
+            await handoff.servicer_wrote(conversation, message.servicer_id, at)
+            return SERVICER_HANDLER
+        if message.msgtype == "event":
+            await handoff.kf_event(message, conversation)
+            return None  # the dispatcher still sees events (the enter_session welcome)
+        if not is_customer_text(message):
+            return None
+        if conversation.status.value in WITH_HUMANS:
+            await handoff.customer_wrote(conversation, at)
+            return QUIET_HANDLER
+        if conversation.status is ConversationStatus.BOT:
+            trigger = tag_policy_trigger(tags, handoff.triggers)
+            if trigger is not None:
+                outcome = await handoff.handoff(conversation.id, trigger, defer_out_of_hours=True)
+                # Out of hours a listed customer still gets the bot rather than a closed desk.
+                if getattr(outcome, "status", None) != "deferred":
+                    return HANDOFF_HANDLER
+        return None
+
+    async def _after_dispatch(
+        self,
+        message: InboundMessage,
+        record: InboundRecord,
+        conversation: HandoffConversation,
+        context: HandlerContext,
+        replies: list[OutboundMessage],
+    ) -> tuple[HandoffTrigger | None, list[OutboundMessage]]:
+        """A handoff asked for by the text, menu, answering script or a no-match streak; the replies to send."""
+        handoff = self._handoff
+        if handoff is None or conversation.status is not ConversationStatus.BOT or not is_customer_text(message):
+            return None, replies
+        library = context.matcher.library if context.matcher is not None else None
+        answered = [r.script_id for r in replies if r.script_id]
+        handoff_scripts = handoff_script_ids(library) if library is not None else frozenset()
+        trigger = text_trigger(message, handoff.triggers, answered, handoff_scripts)
+        if trigger is not None:
+            return trigger, replies
+        no_match = no_match_script_ids(library) if library is not None else frozenset()
+        # The run so far comes from stored answers, not the counter: a retried message must not count twice.
+        before = await handoff.no_match_run(conversation, record.id, no_match) if no_match else 0
+        streak = next_no_match_streak(before, answered, no_match)
+        trigger = no_match_trigger(streak, handoff.triggers)
+        if trigger is not None:
+            # No second "I did not understand": the handoff's own notice (assigned, queued or out of hours) is
+            # what the customer gets for this message.
+            return trigger, []
+        if streak != conversation.no_match_streak:
+            await handoff.set_no_match_streak(conversation.id, streak)
+        return None, replies
 
     async def _sync_corp_tags(self, message: InboundMessage, record: InboundRecord) -> None:
         """Bring the customer's WeCom corp tags up to date before dispatch; a failure only logs.
@@ -182,15 +325,52 @@ class Pipeline:
                 errcode=getattr(exc, "errcode", None),
             )
 
-    async def _context(self, message: InboundMessage, record: InboundRecord) -> HandlerContext:
+    async def _customer_tags(self, message: InboundMessage, record: InboundRecord) -> frozenset[str] | None:
+        """The customer's tags for dispatch, computed tags first brought up to date when this message changes them.
+
+        None when nothing needs them. Idempotent under retries: a second run of the same entry finds the tags
+        already recomputed (active), or recomputes to the same set, so a change is recorded once.
+        """
+        customer_id = record.customer_id
+        if customer_id is None or message.channel is Channel.APP:
+            return None  # app senders are staff members: never tagged
+        reason = _recompute_reason(message) if self._tag_config is not None else None
+        if reason is None:
+            return await self._repos.tags.customer_tags(customer_id) if self._scripts is not None else None
+        by_source = dict(await self._repos.tags.tags_by_source(customer_id))
+        computed = by_source.get(TagSource.COMPUTED, frozenset())
+        due = {
+            RECOMPUTE_ON_INBOUND: recompute_due_on_inbound(computed),
+            RECOMPUTE_ON_ENTER_SESSION: not computed,  # an event is not activity: only the first computation
+            RECOMPUTE_ON_CONTACT_ADDED: True,
+        }[reason]
+        if due:
+            now = datetime.fromtimestamp(self._clock.now(), UTC)
+            try:
+                changes = await self._repos.tags.recompute_customer(customer_id, now, self._tag_config, reason=reason)
+            except Exception as exc:  # the tags are a nicety; the answer must still go out
+                log.warning(
+                    "computed tag recompute failed; answering with the tags stored",
+                    message_id=record.id,
+                    customer_id=customer_id,
+                    error=type(exc).__name__,
+                )
+            else:
+                for change in changes:
+                    if change.customer_id == customer_id:
+                        by_source[TagSource.COMPUTED] = change.after
+        return frozenset().union(*by_source.values())
+
+    async def _context(
+        self, message: InboundMessage, record: InboundRecord, tags: frozenset[str] | None
+    ) -> HandlerContext:
         """What the handlers get: the current matcher, and the customer's tags, name and script history."""
         context = HandlerContext(clock=self._clock)
         if self._scripts is None:
             return context
         context.matcher = self._scripts.matcher  # taken once: a reload mid-message does not mix libraries
-        if record.customer_id is not None and message.channel is not Channel.APP:
-            # App senders are staff members: never tagged, and their answers need no cooldown history.
-            context.tags = await self._repos.tags.customer_tags(record.customer_id)
+        if tags is not None:
+            context.tags = tags
         if record.customer_id is not None:
             last_sent = await self._repos.answers.last_sent_times(record.customer_id)
             context.last_sent = last_sent.get
@@ -254,9 +434,7 @@ class Pipeline:
         # An earlier process() run reserved this row, so an earlier attempt may have reached WeCom.
         resend = not reserved.created or reserved.attempts > 0
         try:
-            provider_msgid = await self._sender.send(
-                reserved.to_outbound(), reserved.idempotency_key, resend=resend
-            )
+            provider_msgid = await self._sender.send(reserved.to_outbound(), reserved.idempotency_key, resend=resend)
         except WeComApiError as exc:
             if exc.errcode == DUPLICATE_MSGID_ERRCODE and (resend or exc.after_uncertain_attempt):
                 # WeCom refuses a msgid it already accepted: an attempt we never heard back from got through.
@@ -276,6 +454,18 @@ class Pipeline:
             raise
         await self._repos.outbox.mark_sent(reserved.id, provider_msgid)
         return True
+
+
+def _recompute_reason(message: InboundMessage) -> str | None:
+    """Whether this message can change the sender's computed tags, and why (None: it cannot)."""
+    if message.channel is Channel.KF:
+        if message.origin == KfOrigin.CUSTOMER and message.msgtype != "event":
+            return RECOMPUTE_ON_INBOUND
+        if message.origin == KfOrigin.SYSTEM_EVENT and message.event == KF_ENTER_SESSION:
+            return RECOMPUTE_ON_ENTER_SESSION
+    if message.channel is Channel.CONTACT and message.event == CONTACT_ADDED:
+        return RECOMPUTE_ON_CONTACT_ADDED
+    return None
 
 
 def _wecom_type(raw: Mapping[str, Any]) -> str:

@@ -48,6 +48,10 @@ class RedisKeys:
         """Set while a pull is wanted for an account, so a callback during a pull is not lost."""
         return f"{self.prefix}:kf-sync-pending:{open_kfid}"
 
+    def handoff_drain_lock(self) -> str:
+        """Held while one process assigns queued conversations, so two drains never fill one agent's last slot."""
+        return f"{self.prefix}:handoff-drain-lock"
+
     def scripts_version(self) -> str:
         """Fingerprint of the script library the fleet last switched to; every process converges on it."""
         return f"{self.prefix}:scripts:version"

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     scripts_path: str = ""
     # Hot reload: how often every process checks the library folder (and the fleet's version in Redis); 0: never.
     scripts_reload_interval_s: float = Field(default=2.0, ge=0)
+    # Handoff: teams, business hours, SLA policies, handoff triggers and notices (YAML). Empty: bot/support.yaml.
+    support_config_path: str = ""
 
     # Computed customer tags (handlers/tags.py documents each threshold); checked together at start-up.
     tag_recency_days: Thresholds = _TAG_DEFAULTS.recency_days

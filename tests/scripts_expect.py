@@ -14,6 +14,9 @@ _LIBRARY = load_library()
 assert isinstance(_LIBRARY, Library), _LIBRARY
 _MATCHER = Matcher(_LIBRARY)
 
+# The computed tags of a customer first seen now: the pipeline computes them before the first answer.
+NEWCOMER = frozenset({"新用户", "潜客", "rfm:none", "lifecycle:new", "activity:active"})
+
 
 def scripted_replies(text: str, *, customer: str = "", tags: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The message bodies the library answers `text` with, for an untagged customer by default."""
@@ -28,8 +31,8 @@ def scripted_text(text: str, *, customer: str = "", tags: frozenset[str] = froze
     return str(body["content"])
 
 
-def event_replies(event: str) -> list[dict[str, Any]]:
+def event_replies(event: str, *, tags: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The message bodies the library answers a library event (kf_session_entered, contact_added) with."""
-    match = _MATCHER.match(Query(event=event))
+    match = _MATCHER.match(Query(event=event, tags=tags))
     assert match is not None, f"the library has no script for {event!r}"
     return [item.content for item in render(_LIBRARY, match.script, match.variant, {})]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from scripts_library import Library, Matcher, Query, load_library, render
-from tests.scripts_expect import event_replies, scripted_text
+from tests.scripts_expect import NEWCOMER, event_replies, scripted_text
 from tests.test_serve import SIM, BotServer, call, get_json, start_server
 
 pytestmark = pytest.mark.slow
@@ -116,7 +116,7 @@ def test_sandbox_page_chat_in_chromium(chromium: str, server: BotServer, tmp_pat
 
         # Opening the chat is an enter_session: the library's welcome menu comes through send_msg_on_event,
         # rendered as WeChat shows it (head, one button per click item, tail), not as JSON.
-        [welcome] = event_replies("kf_session_entered")
+        [welcome] = event_replies("kf_session_entered", tags=NEWCOMER)  # a customer first seen now
         bot = page.locator(".msg.bot .bubble")
         expect(bot).to_have_count(1)
         menu = bot.first
@@ -136,7 +136,7 @@ def test_sandbox_page_chat_in_chromium(chromium: str, server: BotServer, tmp_pat
         expect(customer).to_have_text(text)
         expect(page.get_by_label("message")).to_have_value("")
         expect(bot).to_have_count(2)
-        expect(bot.nth(1)).to_have_text(scripted_text(text))
+        expect(bot.nth(1)).to_have_text(scripted_text(text, tags=NEWCOMER))
 
         # Enter sends too.
         page.get_by_label("message").fill("第二个问题")

@@ -103,6 +103,22 @@ async def answers_of(stack: Stack, customer_id: int, count: int) -> list[AnswerR
     return got
 
 
+# What a customer first seen now is computed to be, before the script for their first message is chosen.
+NEWCOMER = frozenset({"新用户", "潜客", "rfm:none", "lifecycle:new", "activity:active"})
+# An established, active customer: no SOP class, so only the A/B (or default) variants apply.
+ESTABLISHED = frozenset({"rfm:low", "lifecycle:growing", "activity:active"})
+
+
+async def established(stack: Stack, customer_id: int) -> None:
+    """Once the pipeline has computed the customer's tags, make them an established, active customer."""
+
+    async def computed() -> bool:
+        return TagSource.COMPUTED in await stack.services.repos.tags.tags_by_source(customer_id)
+
+    await until(computed, "the computed tags of the first contact")
+    await stack.services.repos.tags.replace_tags(customer_id, TagSource.COMPUTED, ESTABLISHED)
+
+
 def bodies(sent: list[Any]) -> list[tuple[str, str, Mapping[str, Any]]]:
     return [(s.api, s.msgtype, s.content) for s in sent]
 
@@ -124,7 +140,7 @@ async def test_tagged_customer_asking_price_gets_the_variant_for_the_tag(
     assert bodies(stack.sim.sent_after(0, customer)) == [("kf/send_msg", r.msgtype, r.content) for r in expected]
     assert all(s.accepted for s in sent)
     assert (answer.script_id, answer.variant, answer.assignment) == ("price.inquiry", variant, "tag")
-    assert answer.tags == frozenset({tag}) and answer.status is AnswerStatus.SENT
+    assert answer.tags == {tag} | NEWCOMER and answer.status is AnswerStatus.SENT
     assert answer.replies == len(expected) and answer.channel is Channel.KF
 
 
@@ -135,10 +151,11 @@ async def test_kf_enter_session_gets_the_welcome_through_send_msg_on_event(stack
     customer_id = await customer_row(stack, Channel.KF, "wmWelcome")
     [answer] = await answers_of(stack, customer_id, 1)
 
-    [expected] = rendered("welcome.kf_session", "default")
+    # A customer first seen now is a 新用户 by the time the welcome is chosen.
+    [expected] = rendered("welcome.kf_session", "newcomer")
     assert bodies(sent) == [("kf/send_msg_on_event", "msgmenu", expected.content)]
     assert sent[0].accepted
-    assert (answer.script_id, answer.variant, answer.status) == ("welcome.kf_session", "default", AnswerStatus.SENT)
+    assert (answer.script_id, answer.variant, answer.status) == ("welcome.kf_session", "newcomer", AnswerStatus.SENT)
     assert [s.api for s in stack.sim.sent_after(0, "wmWelcome")] == ["kf/send_msg_on_event"]
 
 
@@ -149,11 +166,11 @@ async def test_contact_added_with_a_welcome_code_gets_send_welcome_msg(stack: St
     customer_id = await customer_row(stack, Channel.CONTACT, "wmContactNew")
     [answer] = await answers_of(stack, customer_id, 1)
 
-    text = reply_text("welcome.contact_added", "default")
+    text = reply_text("welcome.contact_added", "newcomer")  # added just now: a 新用户 before the welcome is chosen
     welcome = {"text": {"content": text}, "attachments": []}
     assert bodies(sent) == [("externalcontact/send_welcome_msg", "welcome", welcome)]
     assert sent[0].accepted
-    assert (answer.script_id, answer.variant, answer.channel) == ("welcome.contact_added", "default", Channel.CONTACT)
+    assert (answer.script_id, answer.variant, answer.channel) == ("welcome.contact_added", "newcomer", Channel.CONTACT)
 
 
 async def test_contact_added_without_a_welcome_code_sends_nothing_and_says_why(stack: Stack) -> None:
@@ -204,6 +221,8 @@ async def test_ab_assignment_is_sticky_across_messages_and_recorded(stack: Stack
     variants = {c: expected_ab_variant("price.inquiry", c) for c in customers}
     assert len(set(variants.values())) == 2, "the sample should cover both arms of the test"
     ids = {c: await opened_chat(stack, c, set()) for c in customers}
+    for customer_id in ids.values():
+        await established(stack, customer_id)  # a newcomer would get the first-order variant instead
     for text in ("这个多少钱？", "价格是多少"):
         for customer in customers:
             push_kf_customer_message(stack.sim, customer, text)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from bot.serve import connect_host
-from tests.scripts_expect import scripted_replies, scripted_text
+from tests.scripts_expect import NEWCOMER, scripted_replies, scripted_text
 
 pytestmark = pytest.mark.slow
 
@@ -224,7 +224,7 @@ def test_sandbox_serve_end_to_end(sandbox_server: BotServer) -> None:
     text = "我的订单 A-1234 还没到，秘密内容"
     pushed = customer_says(server, customer, text)
     first = sent_to(server, customer, after=0, wait_s=STEP_DEADLINE_S)
-    assert [r["content"] for r in first["sent"]] == scripted_replies(text, customer=customer), first
+    assert [r["content"] for r in first["sent"]] == scripted_replies(text, customer=customer, tags=NEWCOMER), first
     assert first["sent"][0]["api"] == "kf/send_msg" and first["sent"][0]["accepted"]
 
     # WeCom retries the same callback: still exactly one answer once everything settled.

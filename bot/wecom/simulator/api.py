@@ -7,7 +7,9 @@ import base64
 import binascii
 import json
 import re
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -1105,6 +1107,109 @@ async def webhook_send(request: web.Request, state: SimulatorState) -> JsonDict:
     return {}
 
 
+# ---------------------------------------------------------------- JS-SDK tickets and OAuth (the chat sidebar)
+# Kept beside SimulatorState (not inside it) so the sidebar's additions touch no other module: one JsSdkState per
+# SimulatorState, found through `jssdk_state(state)`.
+
+INVALID_OAUTH_CODE = 40029
+MISSING_OAUTH_CODE = 41008
+JSAPI_TICKET_TTL_S = 7200
+OAUTH_CODE_TTL_S = 300  # WeCom: a code is valid for 5 minutes and may be used once
+
+
+@dataclass(slots=True)
+class IssuedTicket:
+    ticket: str
+    issued_at: float
+    expires_at: float
+
+
+@dataclass(slots=True)
+class OAuthCode:
+    code: str
+    userid: str  # a member's UserID, or "" for a non-member
+    openid: str  # a non-member's openid, or ""
+    expires_at: float
+    used: bool = False
+
+
+@dataclass(slots=True)
+class JsSdkState:
+    corp_ticket: IssuedTicket | None = None  # get_jsapi_ticket: one per corp
+    agent_tickets: dict[str, IssuedTicket] = field(default_factory=dict)  # ticket/get agent_config: per app secret
+    oauth_codes: dict[str, OAuthCode] = field(default_factory=dict)
+
+
+_JSSDK: weakref.WeakKeyDictionary[SimulatorState, JsSdkState] = weakref.WeakKeyDictionary()
+
+
+def jssdk_state(state: SimulatorState) -> JsSdkState:
+    """The simulator's JS-SDK tickets and OAuth codes (created on first use)."""
+    found = _JSSDK.get(state)
+    if found is None:
+        found = _JSSDK[state] = JsSdkState()
+    return found
+
+
+def _current_ticket(state: SimulatorState, current: IssuedTicket | None) -> IssuedTicket:
+    """Within its validity the same ticket is returned again (as for access tokens); after it, a new one."""
+    now = state.now()
+    if current is not None and current.expires_at > now:
+        return current
+    return IssuedTicket(random_token(86), now, now + JSAPI_TICKET_TTL_S)
+
+
+def _ticket_answer(state: SimulatorState, issued: IssuedTicket) -> JsonDict:
+    return {"ticket": issued.ticket, "expires_in": max(1, int(issued.expires_at - state.now()))}
+
+
+@endpoint
+async def get_jsapi_ticket(request: web.Request, state: SimulatorState) -> JsonDict:
+    """`GET cgi-bin/get_jsapi_ticket`: the corp's jsapi_ticket, for wx.config."""
+    require_token(request, state, APP_LABELS)
+    sdk = jssdk_state(state)
+    sdk.corp_ticket = _current_ticket(state, sdk.corp_ticket)
+    return _ticket_answer(state, sdk.corp_ticket)
+
+
+@endpoint
+async def ticket_get(request: web.Request, state: SimulatorState) -> JsonDict:
+    """`GET cgi-bin/ticket/get?type=agent_config`: the app's jsapi_ticket, for wx.agentConfig."""
+    issued = require_token(request, state, APP_LABELS)
+    if request.query.get("type", "") != "agent_config":
+        raise ApiError(INVALID_PARAMETER, "invalid type")
+    sdk = jssdk_state(state)
+    ticket = sdk.agent_tickets[issued.secret] = _current_ticket(state, sdk.agent_tickets.get(issued.secret))
+    return _ticket_answer(state, ticket)
+
+
+def mint_oauth_code(state: SimulatorState, *, userid: str = "", openid: str = "") -> OAuthCode:
+    """The code WeCom appends to the OAuth redirect for this member (or, with openid, this non-member)."""
+    if bool(userid) == bool(openid):
+        raise ValueError("give exactly one of userid and openid")
+    if userid and userid not in state.config.members:
+        raise ValueError(f"{userid!r} is not a member")
+    code = OAuthCode(random_token(43), userid, openid, state.now() + OAUTH_CODE_TTL_S)
+    jssdk_state(state).oauth_codes[code.code] = code
+    return code
+
+
+@endpoint
+async def auth_getuserinfo(request: web.Request, state: SimulatorState) -> JsonDict:
+    """`GET cgi-bin/auth/getuserinfo?code=`: who followed the OAuth link. Codes are single-use, 5 minutes."""
+    require_token(request, state, APP_LABELS)
+    value = request.query.get("code", "")
+    if not value:
+        raise ApiError(MISSING_OAUTH_CODE, "missing code")
+    code = jssdk_state(state).oauth_codes.get(value)
+    if code is None or code.used or code.expires_at <= state.now():
+        raise ApiError(INVALID_OAUTH_CODE, "invalid code")
+    code.used = True
+    if code.userid:
+        return {"userid": code.userid, "user_ticket": random_token(64)}
+    return {"openid": code.openid}
+
+
 def add_api_routes(app: web.Application) -> None:
     app.router.add_get("/cgi-bin/gettoken", gettoken)
     app.router.add_post("/cgi-bin/message/send", message_send)
@@ -1125,6 +1230,17 @@ def add_api_routes(app: web.Application) -> None:
     app.router.add_post("/cgi-bin/externalcontact/groupchat/list", contact_groupchat_list)
     app.router.add_post("/cgi-bin/externalcontact/groupchat/get", contact_groupchat_get)
     app.router.add_post("/cgi-bin/webhook/send", webhook_send)
+    app.router.add_get("/cgi-bin/get_jsapi_ticket", get_jsapi_ticket)
+    app.router.add_get("/cgi-bin/ticket/get", ticket_get)
+    app.router.add_get("/cgi-bin/auth/getuserinfo", auth_getuserinfo)
 
 
-__all__ = ["ApiError", "add_api_routes", "confirm_groupmsg"]
+__all__ = [
+    "ApiError",
+    "JsSdkState",
+    "OAuthCode",
+    "add_api_routes",
+    "confirm_groupmsg",
+    "jssdk_state",
+    "mint_oauth_code",
+]

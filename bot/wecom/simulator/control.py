@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import confirm_groupmsg, dumps
+from .api import OAUTH_CODE_TTL_S, confirm_groupmsg, dumps, jssdk_state, mint_oauth_code
 from .callbacks import (
     app_event_xml,
     app_text_xml,
@@ -579,6 +579,28 @@ async def c_groupmsg_confirm(request: web.Request, state: SimulatorState) -> Jso
     return {"sent": confirm_groupmsg(state, task, _opt_str(body, "userid"))}
 
 
+@control
+async def c_oauth_code(request: web.Request, state: SimulatorState) -> JsonDict:
+    """A member (userid) or a non-member (openid) follows the app's OAuth link: the code WeCom would hand over."""
+    body = await _body(request)
+    try:
+        code = mint_oauth_code(state, userid=_opt_str(body, "userid") or "", openid=_opt_str(body, "openid") or "")
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
+    return {"code": code.code, "expires_in": OAUTH_CODE_TTL_S}
+
+
+@control
+async def c_jsapi_tickets(request: web.Request, state: SimulatorState) -> JsonDict:
+    """The JS-SDK tickets issued so far, so a test can check a signature on its own."""
+    sdk = jssdk_state(state)
+    corp = sdk.corp_ticket
+    return {
+        "corp": None if corp is None else {"ticket": corp.ticket, "expires_at": corp.expires_at},
+        "agent": [{"ticket": t.ticket, "expires_at": t.expires_at} for t in sdk.agent_tickets.values()],
+    }
+
+
 def add_control_routes(app: web.Application) -> None:
     r = app.router
     r.add_post("/_sim/kf/customer_message", c_kf_customer_message)
@@ -603,6 +625,8 @@ def add_control_routes(app: web.Application) -> None:
     r.add_post("/_sim/faults", c_faults_add)
     r.add_delete("/_sim/faults", c_faults_clear)
     r.add_post("/_sim/groupmsg/confirm", c_groupmsg_confirm)
+    r.add_post("/_sim/oauth/code", c_oauth_code)
+    r.add_get("/_sim/jsapi/tickets", c_jsapi_tickets)
 
 
 __all__ = [

@@ -1,0 +1,679 @@
+"""Handoff to a person: one domain operation whatever triggered it, routing, claims, transfers, resolve.
+
+Conversation states (support-desk vocabulary, conversations.status) and the 微信客服 service_state they map to,
+moved only along the transitions WeCom allows (reference §4.1):
+
+    bot (0/1) ──handoff──▶ queued (2) ──assign/claim──▶ open (3) ⇄ waiting (3) ──resolve──▶ resolved (4)
+                 └──────────── agent chosen at once ──────────▶ open (3)
+
+- 0/1 → 3 with servicer_userid when an agent is chosen, 0/1 → 2 when nobody can take it; 2 → 3 on assignment;
+  3 → 3 on transfer; 3 → 4 on resolve. The bot never sends in 2–4: every customer notice of a move goes out
+  either before it (the out-of-hours answer, in 0/1) or through send_msg_on_event with the trans msg_code.
+- 95014/95019 (servicer not activated / stopped): that agent is marked away and the next one is tried, else the
+  conversation queues. 95016 (illegal move): the session state is read back and followed.
+- Claims are conditional UPDATEs on (status, version): two agents claiming at once → exactly one wins.
+- Out of hours: an honest answer with the next opening, then the session waits in the pool (2) and the queue
+  drain assigns it when the team opens (the SLA sweep drains every second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+import structlog
+
+from bot.pipeline import ReplySender
+from bot.sla_store import SlaStore
+from bot.storage.handoff_repository import (
+    HUMAN_STATUSES,
+    WITH_HUMANS,
+    AgentRecord,
+    HandoffConversation,
+    HandoffRepository,
+)
+from bot.storage.models import ConversationStatus
+from bot.storage.repositories import Repositories
+from bot.support_config import SupportConfig
+from bot.wecom.errors import WeComApiError
+from handlers.domain import Channel, Clock, InboundMessage, OutboundMessage
+from handlers.handoff import HandoffReason, HandoffTrigger, HandoffTriggers, fill, format_opening
+from handlers.routing import (
+    Agent,
+    Assignment,
+    ConversationNeeds,
+    OutOfHours,
+    Presence,
+    QueueDecision,
+    RoutingDecision,
+    TransferAllowed,
+    TransferRefusal,
+    TransferRefused,
+    Waiting,
+    assign_in_order,
+    check_transfer,
+    choose_agent,
+)
+from handlers.sla import Priority
+
+log = structlog.get_logger(__name__)
+
+KF_NEW, KF_BOT, KF_POOL, KF_HUMAN, KF_ENDED = 0, 1, 2, 3, 4
+ERR_NOT_SERVICER = 95014
+ERR_BAD_TRANSITION = 95016
+ERR_SERVICER_STOPPED = 95019
+ERR_SESSION_ENDED = 95013
+SERVICER_REFUSALS = frozenset({ERR_NOT_SERVICER, ERR_SERVICER_STOPPED})
+TEXTCARD_TITLE_BYTES = 128
+TEXTCARD_DESCRIPTION_BYTES = 512
+LAST_MESSAGES = 3
+
+
+class KfStateApi(Protocol):
+    """The kf service-state calls (bot.wecom.client.WeComClient)."""
+
+    async def kf_service_state_get(self, open_kfid: str, external_userid: str) -> Any: ...
+
+    async def kf_service_state_trans(
+        self, open_kfid: str, external_userid: str, service_state: int, servicer_userid: str | None = None
+    ) -> str | None: ...
+
+
+class DrainLock(Protocol):
+    """Serialises queue drains across processes (so two drains cannot both fill one agent's last slot)."""
+
+    async def acquire(self) -> bool: ...
+
+    async def release(self) -> None: ...
+
+
+class HandoffStatus(StrEnum):
+    ASSIGNED = "assigned"
+    QUEUED = "queued"
+    OUT_OF_HOURS = "out_of_hours"
+    NOT_WITH_BOT = "not_with_bot"  # already with humans (or resolved): nothing to do
+    DEFERRED = "deferred"  # out of hours and the trigger asked to keep the bot answering then
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffOutcome:
+    status: HandoffStatus
+    conversation_id: int
+    agent_id: int | None = None
+    next_open: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """A claim's answer: `won`, or why not (in Chinese, for the agent)."""
+
+    won: bool
+    reason: str = ""
+    message_zh: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Somebody changed the conversation first."""
+
+    message_zh: str = "会话状态已变化（可能已被其他同事处理），请刷新后再试"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveResult:
+    resolved: bool
+    end_msg_code: str | None = None  # from 3 → 4: a closing / survey message within 20 s (send_msg_on_event)
+    message_zh: str = ""
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _cut(text: str, limit: int) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _key(*parts: object) -> str:
+    """A kf msgid (≤ 32 bytes of [0-9a-zA-Z_-]) that is the same every time for the same notice."""
+    digest = hashlib.sha1(":".join(str(p) for p in parts).encode()).hexdigest()[:28]  # noqa: S324
+    return f"h{digest}"
+
+
+class HandoffService:
+    """The handoff domain: hand off, route, claim, transfer, resolve, and the SLA clocks that go with them."""
+
+    def __init__(
+        self,
+        repos: Repositories,
+        handoff_repo: HandoffRepository,
+        sla: SlaStore,
+        config: SupportConfig,
+        kf: KfStateApi,
+        sender: ReplySender,
+        clock: Clock,
+        *,
+        console_base_url: str = "http://localhost:8080",
+        drain_lock: DrainLock | None = None,
+    ) -> None:
+        self.repos = repos
+        self.repo = handoff_repo
+        self.sla = sla
+        self.config = config
+        self._kf = kf
+        self._sender = sender
+        self._clock = clock
+        self._console = console_base_url.rstrip("/")
+        self._drain_lock = drain_lock
+
+    # ------------------------------------------------------------------ what the pipeline asks
+
+    @property
+    def triggers(self) -> HandoffTriggers:
+        return self.config.triggers
+
+    async def conversation(self, conversation_id: int) -> HandoffConversation | None:
+        return await self.repo.conversation(conversation_id)
+
+    async def no_match_run(
+        self, conversation: HandoffConversation, before_message_id: int, no_match_scripts: frozenset[str]
+    ) -> int:
+        return await self.repo.no_match_run(conversation, before_message_id, no_match_scripts)
+
+    async def set_no_match_streak(self, conversation_id: int, streak: int) -> None:
+        await self.repo.set_no_match_streak(conversation_id, streak)
+
+    async def kf_event(self, message: InboundMessage, conversation: HandoffConversation | None) -> None:
+        """kf events about servicers and sessions, as changed in the WeCom client (reference §4.2)."""
+        raw_event = message.raw.get("event") if isinstance(message.raw, Mapping) else None
+        event: Mapping[str, Any] = raw_event if isinstance(raw_event, Mapping) else {}
+        if message.event == "servicer_status_change":
+            agent = await self.repo.agent_by_wecom_userid(str(event.get("servicer_userid") or ""))
+            if agent is not None:
+                receiving = str(event.get("status")) == "1"
+                await self.set_presence(agent.id, Presence.ONLINE if receiving else Presence.AWAY)
+            return
+        if message.event != "session_status_change" or conversation is None:
+            return
+        change = str(event.get("change_type"))
+        if change in ("1", "2", "4"):  # taken from the pool, transferred, re-taken: record the new servicer
+            agent = await self.repo.agent_by_wecom_userid(str(event.get("new_servicer_userid") or ""))
+            await self.repo.set_kf_state(conversation.id, KF_HUMAN)
+            if agent is not None and conversation.status.value in WITH_HUMANS:
+                await self.repo.claim(
+                    conversation.id, agent.id, version=conversation.version, from_statuses=WITH_HUMANS
+                )
+        elif change == "3":  # ended by the servicer
+            await self.repo.set_kf_state(conversation.id, KF_ENDED)
+            if conversation.status.value in WITH_HUMANS:
+                await self.resolve(conversation.id)
+
+    # ------------------------------------------------------------------ routing inputs
+
+    def _agent(self, record: AgentRecord) -> Agent:
+        team = record.team or self.config.default_team
+        try:
+            presence = Presence(record.presence)
+        except ValueError:
+            presence = Presence.OFFLINE
+        return Agent(
+            agent_id=str(record.id),
+            presence=presence,
+            capacity=record.capacity,
+            open_count=record.open_count,
+            skills=record.skills,
+            groups=frozenset({team}),
+            last_assigned_at=_epoch(record.last_assigned_at),
+            hours=self.config.team(team).calendar,
+        )
+
+    async def _needs(self, conversation: HandoffConversation, exclude: Iterable[int] = ()) -> ConversationNeeds:
+        tags = await self.repos.tags.customer_tags(conversation.customer_id)
+        skills = frozenset(skill for tag, skill in self.config.skills_by_tag if tag in tags)
+        return ConversationNeeds(
+            skills=skills,
+            group=conversation.team or self.config.default_team,
+            exclude=frozenset(str(i) for i in exclude),
+        )
+
+    async def _routable(self, conversation: HandoffConversation) -> list[AgentRecord]:
+        agents = await self.repo.agents()
+        if conversation.channel is Channel.KF:
+            agents = [a for a in agents if a.wecom_userid]  # a kf session needs a servicer userid
+        return agents
+
+    async def decide(self, conversation: HandoffConversation, exclude: Iterable[int] = ()) -> RoutingDecision:
+        """Where this conversation would go now (no change made)."""
+        agents = [self._agent(a) for a in await self._routable(conversation)]
+        preferred = str(conversation.last_agent_id) if conversation.last_agent_id is not None else None
+        return choose_agent(agents, await self._needs(conversation, exclude), preferred, now=self._clock.now())
+
+    # ------------------------------------------------------------------ the handoff
+
+    async def handoff(
+        self,
+        conversation_id: int,
+        trigger: HandoffTrigger,
+        *,
+        defer_out_of_hours: bool = False,
+    ) -> HandoffOutcome:
+        """Hand a bot conversation to a person: assign, queue, or answer honestly when the team is closed."""
+        conversation = await self.repo.conversation(conversation_id)
+        if conversation is None or conversation.status is not ConversationStatus.BOT:
+            return HandoffOutcome(HandoffStatus.NOT_WITH_BOT, conversation_id)
+        team = trigger.team or conversation.team or self.config.default_team
+        if defer_out_of_hours:
+            probe = await self.decide(conversation)
+            if isinstance(probe, OutOfHours):
+                return HandoffOutcome(HandoffStatus.DEFERRED, conversation_id, next_open=probe.next_open)
+        started = await self.repo.start_handoff(
+            conversation_id, reason=trigger.reason.value, team=team, priority=trigger.priority.value
+        )
+        if started is None:
+            return HandoffOutcome(HandoffStatus.NOT_WITH_BOT, conversation_id)
+        log.info(
+            "handoff started",
+            conversation_id=conversation_id,
+            reason=trigger.reason.value,
+            detail=trigger.detail,
+            priority=trigger.priority.value,
+            team=team,
+        )
+        now = self._clock.now()
+        tags = await self.repos.tags.customer_tags(started.customer_id)
+        await self.sla.open(
+            conversation_id, channel=started.channel, tags=tags, priority=trigger.priority, team=team, at=now
+        )
+        if started.channel is Channel.KF:
+            started = await self._read_kf_state(started)
+            if started.kf_service_state == KF_HUMAN:
+                adopted = await self._adopt_servicer(started)
+                if adopted is not None:
+                    return adopted
+        return await self._route_one(started)
+
+    async def _route_one(self, conversation: HandoffConversation) -> HandoffOutcome:
+        excluded: set[int] = set()
+        while True:
+            decision = await self.decide(conversation, excluded)
+            if isinstance(decision, Assignment):
+                agent_id = int(decision.agent_id)
+                outcome = await self._assign(conversation, agent_id)
+                if outcome is True:
+                    return HandoffOutcome(HandoffStatus.ASSIGNED, conversation.id, agent_id)
+                fresh = await self.repo.conversation(conversation.id)
+                if fresh is None or fresh.status is not ConversationStatus.QUEUED:
+                    return HandoffOutcome(HandoffStatus.NOT_WITH_BOT, conversation.id)  # somebody else took it
+                excluded.add(agent_id)
+                conversation = fresh
+                continue
+            if isinstance(decision, OutOfHours):
+                await self._out_of_hours(conversation, decision.next_open)
+                return HandoffOutcome(HandoffStatus.OUT_OF_HOURS, conversation.id, next_open=decision.next_open)
+            await self._to_pool(conversation, decision)
+            return HandoffOutcome(HandoffStatus.QUEUED, conversation.id)
+
+    async def _read_kf_state(self, conversation: HandoffConversation) -> HandoffConversation:
+        try:
+            state = await self._kf.kf_service_state_get(conversation.account_id, conversation.external_id)
+        except WeComApiError as exc:
+            log.warning("kf service state unknown", conversation_id=conversation.id, errcode=exc.errcode)
+            return conversation
+        await self.repo.set_kf_state(conversation.id, int(state.service_state))
+        fresh = await self.repo.conversation(conversation.id)
+        return fresh or conversation
+
+    async def _adopt_servicer(self, conversation: HandoffConversation) -> HandoffOutcome | None:
+        """The session is already with a servicer in WeCom: record that agent instead of routing."""
+        try:
+            state = await self._kf.kf_service_state_get(conversation.account_id, conversation.external_id)
+        except WeComApiError:
+            return None
+        agent = await self.repo.agent_by_wecom_userid(str(state.servicer_userid or ""))
+        if agent is None:
+            return None
+        if await self.repo.claim(conversation.id, agent.id, version=conversation.version):
+            return HandoffOutcome(HandoffStatus.ASSIGNED, conversation.id, agent.id)
+        return None
+
+    async def _assign(self, conversation: HandoffConversation, agent_id: int) -> bool:
+        """Claim for the agent, then move the kf session to them; False (claim undone) when WeCom refuses."""
+        agent = await self.repo.agent(agent_id)
+        if agent is None:
+            return False
+        if not await self.repo.claim(conversation.id, agent_id, version=conversation.version):
+            return False
+        if conversation.channel is Channel.KF:
+            try:
+                msg_code = await self._trans(conversation, KF_HUMAN, agent.wecom_userid)
+            except WeComApiError as exc:
+                await self.repo.requeue(conversation.id, version=conversation.version + 1)
+                if exc.errcode in SERVICER_REFUSALS:
+                    # WeCom says this member is not receiving: stop routing to them until they are online again.
+                    await self.repo.set_presence(agent_id, Presence.AWAY.value)
+                log.warning(
+                    "kf refused the servicer", conversation_id=conversation.id, agent_id=agent_id, errcode=exc.errcode
+                )
+                return False
+            if msg_code:
+                text = fill(self.config.texts.assigned, agent_name=agent.display_name)
+                await self._notice(conversation, text, msg_code, "assigned", agent_id)
+        log.info("conversation assigned", conversation_id=conversation.id, agent_id=agent_id)
+        await self.notify_agent(agent, conversation.id, "assigned")
+        return True
+
+    async def _trans(self, conversation: HandoffConversation, target: int, servicer: str | None = None) -> str | None:
+        """service_state/trans; 95016 re-reads the state, and an already-reached target counts as done."""
+        try:
+            msg_code = await self._kf.kf_service_state_trans(
+                conversation.account_id, conversation.external_id, target, servicer
+            )
+        except WeComApiError as exc:
+            if exc.errcode != ERR_BAD_TRANSITION:
+                raise
+            state = await self._kf.kf_service_state_get(conversation.account_id, conversation.external_id)
+            await self.repo.set_kf_state(conversation.id, int(state.service_state))
+            if int(state.service_state) == target and (servicer is None or state.servicer_userid == servicer):
+                return None
+            raise
+        await self.repo.set_kf_state(conversation.id, target)
+        return msg_code
+
+    async def _to_pool(self, conversation: HandoffConversation, decision: QueueDecision | None = None) -> None:
+        """kf 0/1 → 2 and the queue notice through send_msg_on_event with the trans msg_code."""
+        log.info(
+            "conversation queued",
+            conversation_id=conversation.id,
+            reason=decision.reason.value if decision else "out_of_hours",
+        )
+        if conversation.channel is not Channel.KF or conversation.kf_service_state == KF_POOL:
+            return
+        try:
+            msg_code = await self._trans(conversation, KF_POOL)
+        except WeComApiError as exc:
+            log.warning("kf session not moved to the pool", conversation_id=conversation.id, errcode=exc.errcode)
+            return
+        if msg_code and decision is not None:
+            await self._notice(conversation, self.config.texts.queued, msg_code, "queued")
+
+    async def _out_of_hours(self, conversation: HandoffConversation, next_open: float) -> None:
+        """The honest answer (sent while the session is still the bot's), then wait in the pool for the opening."""
+        team = self.config.team(conversation.team)
+        when = format_opening(next_open, team.timezone, self._clock.now())
+        text = fill(self.config.texts.out_of_hours, next_open=when)
+        log.info("handoff out of hours", conversation_id=conversation.id, next_open=next_open)
+        if conversation.channel is Channel.KF and conversation.kf_service_state in (None, KF_NEW, KF_BOT):
+            await self._notice(conversation, text, None, "out_of_hours")
+        await self._to_pool(conversation, None)
+
+    async def _notice(
+        self, conversation: HandoffConversation, text: str, msg_code: str | None, kind: str, *extra: object
+    ) -> None:
+        """A text to the customer: send_msg_on_event with a msg_code, else kf/send_msg (states 0/1 only)."""
+        reply = OutboundMessage(
+            channel=conversation.channel,
+            to=conversation.external_id,
+            account_id=conversation.account_id,
+            msgtype="text",
+            content={"content": text},
+            welcome_code=msg_code,
+        )
+        key = _key(conversation.id, conversation.handoff_at, kind, *extra)
+        try:
+            await self._sender.send(reply, key)
+        except WeComApiError as exc:
+            log.warning("customer notice not sent", conversation_id=conversation.id, kind=kind, errcode=exc.errcode)
+            return
+        await self.repos.messages.record_outbound_message(
+            reply, key, sent_at=datetime.fromtimestamp(self._clock.now(), UTC), conversation_id=conversation.id
+        )
+
+    # ------------------------------------------------------------------ the queue
+
+    async def drain(self) -> list[tuple[int, int]]:
+        """Assign queued conversations in order while agents have room; returns (conversation, agent) pairs."""
+        lock = self._drain_lock
+        if lock is not None and not await lock.acquire():
+            return []  # another process is draining right now
+        try:
+            return await self._drain()
+        finally:
+            if lock is not None:
+                await lock.release()
+
+    async def _drain(self) -> list[tuple[int, int]]:
+        queued = await self.repo.queued()
+        if not queued:
+            return []
+        records = await self.repo.agents()
+        with_userid = [self._agent(a) for a in records if a.wecom_userid]
+        every = [self._agent(a) for a in records]
+        now = self._clock.now()
+        by_id = {c.id: c for c in queued}
+        kf_waiting = [c for c in queued if c.channel is Channel.KF]
+        other_waiting = [c for c in queued if c.channel is not Channel.KF]
+        decisions: dict[str, RoutingDecision] = {}
+        for waiting, agents in ((kf_waiting, with_userid), (other_waiting, every)):
+            items = [
+                Waiting(
+                    str(c.id),
+                    await self._needs(c),
+                    str(c.last_agent_id) if c.last_agent_id is not None else None,
+                )
+                for c in waiting
+            ]
+            got, _ = assign_in_order(items, agents, now=now)
+            decisions.update(got)
+        assigned: list[tuple[int, int]] = []
+        for conversation_id, decision in decisions.items():
+            if isinstance(decision, Assignment):
+                conversation = by_id[int(conversation_id)]
+                if await self._assign(conversation, int(decision.agent_id)):
+                    assigned.append((conversation.id, int(decision.agent_id)))
+        return assigned
+
+    # ------------------------------------------------------------------ agent actions
+
+    async def claim(self, conversation_id: int, agent_id: int) -> ClaimResult:
+        """An agent takes a queued conversation; of two at once exactly one wins, the other is told why not."""
+        conversation = await self.repo.conversation(conversation_id)
+        record = await self.repo.agent(agent_id)
+        if conversation is None or record is None:
+            return ClaimResult(False, "not_found", "会话或客服不存在")
+        if conversation.status is not ConversationStatus.QUEUED:
+            return ClaimResult(False, "taken", "该会话已被接入或已结束")
+        verdict = check_transfer(self._agent(record))
+        if isinstance(verdict, TransferRefused):
+            return ClaimResult(False, verdict.code.value, verdict.message_zh)
+        if not await self._assign(conversation, agent_id):
+            fresh = await self.repo.conversation(conversation_id)
+            if fresh is not None and fresh.status is ConversationStatus.QUEUED:
+                return ClaimResult(
+                    False, "servicer_refused", "企业微信拒绝将会话转给您（未在接待状态），请检查接待状态"
+                )
+            return ClaimResult(False, "taken", "该会话已被其他同事接入")
+        return ClaimResult(True)
+
+    async def transfer(self, conversation_id: int, to_agent_id: int) -> TransferAllowed | TransferRefused | Conflict:
+        """Move an open conversation to another agent; refused (with the reason) for offline or full agents."""
+        conversation = await self.repo.conversation(conversation_id)
+        target = await self.repo.agent(to_agent_id)
+        if conversation is None or target is None or conversation.status.value not in HUMAN_STATUSES:
+            return Conflict()
+        verdict = check_transfer(
+            self._agent(target),
+            str(conversation.assignee_id) if conversation.assignee_id is not None else None,
+            await self._needs(conversation),
+        )
+        if isinstance(verdict, TransferRefused):
+            log.info("transfer refused", conversation_id=conversation_id, reason=verdict.code.value)
+            return verdict
+        return await self._move(conversation, target)
+
+    async def _move(
+        self, conversation: HandoffConversation, target: AgentRecord
+    ) -> TransferAllowed | TransferRefused | Conflict:
+        previous = conversation.assignee_id
+        if not await self.repo.claim(
+            conversation.id, target.id, version=conversation.version, from_statuses=HUMAN_STATUSES
+        ):
+            return Conflict()
+        if conversation.channel is Channel.KF:
+            try:
+                await self._trans(conversation, KF_HUMAN, target.wecom_userid)
+            except WeComApiError as exc:
+                if previous is not None:
+                    await self.repo.claim(
+                        conversation.id, previous, version=conversation.version + 1, from_statuses=HUMAN_STATUSES
+                    )
+                if exc.errcode in SERVICER_REFUSALS:
+                    await self.repo.set_presence(target.id, Presence.AWAY.value)
+                    return TransferRefused(str(target.id), TransferRefusal.AGENT_OFFLINE)
+                return Conflict()
+        await self.notify_agent(target, conversation.id, "transferred")
+        return TransferAllowed(str(target.id))
+
+    async def resolve(self, conversation_id: int) -> ResolveResult:
+        """Resolved: kf 3 → 4, clocks stopped/fulfilled, the customer remembers the agent, the queue drains."""
+        before = await self.repo.resolve(conversation_id)
+        if before is None:
+            return ResolveResult(False, message_zh="会话不在人工处理中，或已被其他人更新")
+        msg_code: str | None = None
+        if before.channel is Channel.KF and before.kf_service_state == KF_HUMAN:
+            try:
+                msg_code = await self._trans(before, KF_ENDED)
+            except WeComApiError as exc:
+                log.warning("kf session not ended", conversation_id=conversation_id, errcode=exc.errcode)
+        await self.sla.resolve(conversation_id, self._clock.now())
+        log.info("conversation resolved", conversation_id=conversation_id, agent_id=before.assignee_id)
+        await self.drain()  # capacity freed
+        return ResolveResult(True, msg_code)
+
+    async def set_presence(self, agent_id: int, presence: Presence) -> list[tuple[int, int]]:
+        """Console or kf servicer status: an agent coming online takes from the queue at once."""
+        await self.repo.set_presence(agent_id, presence.value)
+        if presence is Presence.ONLINE:
+            return await self.drain()
+        return []
+
+    # ------------------------------------------------------------------ messages in a human conversation
+
+    async def customer_wrote(self, conversation: HandoffConversation, at: float) -> None:
+        """The customer wrote while humans have the conversation: next-response clock, waiting → open."""
+        await self.sla.customer_message(conversation.id, conversation.team, at)
+        if conversation.status is ConversationStatus.WAITING:
+            await self.repo.set_waiting(conversation.id, False)
+
+    async def servicer_wrote(self, conversation: HandoffConversation, servicer_userid: str | None, at: float) -> None:
+        """A servicer wrote from the WeCom client (kf origin 5): a human reply; open → waiting on the customer."""
+        agent = await self.repo.agent_by_wecom_userid(servicer_userid) if servicer_userid else None
+        if agent is None:
+            log.info("servicer line from an unknown member", conversation_id=conversation.id)
+        if conversation.status.value not in WITH_HUMANS:
+            return
+        if conversation.status is ConversationStatus.QUEUED and agent is not None:
+            # Taken from the pool in the WeCom client: record who has it.
+            await self.repo.claim(conversation.id, agent.id, version=conversation.version)
+        await self.sla.human_reply(conversation.id, at)
+        await self.repo.set_waiting(conversation.id, True)
+
+    # ------------------------------------------------------------------ agent notifications
+
+    def console_url(self, conversation_id: int) -> str:
+        return f"{self._console}/console/conversations/{conversation_id}"
+
+    async def notify_agent(
+        self, agent: AgentRecord, conversation_id: int, kind: str, *, level: int = 0, extra: str = ""
+    ) -> bool:
+        """A textcard app message to the member: customer, tags, the last messages and a console link."""
+        if not agent.wecom_userid:
+            log.info("agent has no wecom userid; not notified", agent_id=agent.id, kind=kind)
+            return False
+        conversation = await self.repo.conversation(conversation_id)
+        if conversation is None:
+            return False
+        titles = {
+            "assigned": "新的客户会话",
+            "transferred": "转接给您的客户会话",
+            "warned": "SLA 即将超时",
+            "breached": "SLA 已超时",
+            "escalated": "SLA 超时升级",
+            "reassigned": "SLA 超时，会话已改派给您",
+        }
+        customer = conversation.customer_name or conversation.external_id
+        tags = sorted(await self.repos.tags.customer_tags(conversation.customer_id))
+        lines = [f"客户：{customer}", f"标签：{'、'.join(tags) if tags else '无'}"]
+        if extra:
+            lines.append(extra)
+        recent = await self.repos.messages.conversation_messages(conversation_id, limit=LAST_MESSAGES)
+        for message in recent:
+            who = "客户" if message.direction.value == "in" and message.origin in (None, 3) else "回复"
+            if message.text:
+                lines.append(f"{who}：{_cut(message.text, 60)}")
+        content = {
+            "title": _cut(f"{titles.get(kind, '客户会话')}：{customer}", TEXTCARD_TITLE_BYTES),
+            "description": _cut("\n".join(lines), TEXTCARD_DESCRIPTION_BYTES),
+            "url": self.console_url(conversation_id),
+            "btntxt": "打开会话",
+        }
+        reply = OutboundMessage(
+            channel=Channel.APP, to=agent.wecom_userid, account_id="", msgtype="textcard", content=content
+        )
+        try:
+            await self._sender.send(reply, _key("notify", conversation_id, agent.id, kind, level))
+        except WeComApiError as exc:
+            log.warning("agent notification failed", agent_id=agent.id, kind=kind, errcode=exc.errcode)
+            return False
+        log.info("agent notified", agent_id=agent.id, conversation_id=conversation_id, kind=kind)
+        return True
+
+    async def notify_leads(self, conversation_id: int, kind: str, *, level: int = 0, extra: str = "") -> int:
+        """Tell the team's leads (configured usernames and role=lead members of the team); returns how many."""
+        conversation = await self.repo.conversation(conversation_id)
+        if conversation is None:
+            return 0
+        team = self.config.team(conversation.team)
+        told = 0
+        for lead in await self.repo.leads(team.name, team.leads):
+            told += await self.notify_agent(lead, conversation_id, kind, level=level, extra=extra)
+        return told
+
+    async def reassign_after_breach(self, conversation_id: int) -> int | None:
+        """Move a breached conversation to another available agent (not the assignee); the new agent's id."""
+        conversation = await self.repo.conversation(conversation_id)
+        if conversation is None or conversation.status.value not in HUMAN_STATUSES:
+            return None
+        exclude = [conversation.assignee_id] if conversation.assignee_id is not None else []
+        decision = await self.decide(conversation, exclude)
+        if not isinstance(decision, Assignment):
+            return None
+        target = await self.repo.agent(int(decision.agent_id))
+        if target is None:
+            return None
+        moved = await self._move(conversation, target)
+        return target.id if isinstance(moved, TransferAllowed) else None
+
+
+def priority_of(value: str | None) -> Priority:
+    try:
+        return Priority(value or Priority.NORMAL.value)
+    except ValueError:
+        return Priority.NORMAL
+
+
+__all__: Sequence[str] = [
+    "ClaimResult",
+    "Conflict",
+    "HandoffOutcome",
+    "HandoffReason",
+    "HandoffService",
+    "HandoffStatus",
+    "ResolveResult",
+]
