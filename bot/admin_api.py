@@ -1,5 +1,5 @@
-"""The admin API under /api: run-time script edits (validated, versioned, audited, hot-reloaded), order imports
-and the audit log.
+"""The admin API under /api: run-time script edits (validated, versioned, audited, hot-reloaded), order imports,
+the audit log and the CSAT report.
 
 Every request carries a staff bearer token (bot/auth.py); every change is validated exactly like the YAML files,
 stored as a new revision, written to the audit log, and served at once by this process and within one reload
@@ -12,14 +12,16 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 import structlog
 import yaml
 from aiohttp import web
 
 from bot.auth import ROLE_PERMISSIONS, STAFF, Permission, bearer_auth, json_error, require
+from bot.csat import CsatReporter
 from bot.orders_import import import_orders_records
 from bot.scripts_overlay import (
     MAX_BODY_CHARS,
@@ -31,6 +33,8 @@ from bot.scripts_overlay import (
     script_to_yaml_hint,
     source_name,
 )
+from bot.storage.csat_repository import CsatRepository
+from bot.storage.db import create_session_factory
 from bot.storage.models import ScriptRevisionAction
 from bot.storage.staff_repository import RevisionRecord, VersionConflict
 from scripts_library import Library, Problem, load_library
@@ -44,6 +48,10 @@ SCRIPT_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 ORDER_SOURCE = re.compile(r"[A-Za-z0-9_\-]{1,32}")
 MAX_REQUEST_BYTES = 1024 * 1024
 MAX_ORDERS_PER_REQUEST = 5000
+TEAM_NAME = re.compile(r"[^\x00-\x1f]{1,64}")
+MAX_REPORT_DAYS = 366
+ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+REPORT_TIMEZONE = "Asia/Shanghai"  # report days when no support config is loaded (else the team's timezone)
 
 
 class _ApiError(Exception):
@@ -134,6 +142,12 @@ class AdminApi:
         self.revisions = services.repos.script_revisions
         self.audit = services.repos.audit
         self._write = asyncio.Lock()  # one edit at a time per process: validation sees the overlay it stores over
+        support = services.handoff.config if services.handoff is not None else None
+        self._support = support
+        self.csat = CsatReporter(
+            CsatRepository(create_session_factory(services.engine), services.clock),
+            default_team=support.default_team if support is not None else None,
+        )
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -147,6 +161,7 @@ class AdminApi:
             web.post("/scripts/{script_id}/restore", self.restore_script),
             web.post("/scripts/{script_id}/rollback", self.rollback_script),
             web.get("/audit", self.audit_log),
+            web.get("/reports/csat", self.csat_report),
             web.post("/orders", self.import_orders),
         ]
 
@@ -225,6 +240,25 @@ class AdminApi:
                     for e in entries
                 ]
             }
+        )
+
+    async def csat_report(self, request: web.Request) -> web.Response:
+        """CSAT per team and agent: `?since=YYYY-MM-DD&until=YYYY-MM-DD&team=` (days inclusive, team's timezone)."""
+        require(request, Permission.REPORTS_READ)
+        since_day, until_day = _query_date(request, "since"), _query_date(request, "until")
+        if until_day < since_day:
+            raise _ApiError(400, "bad_field", "until must not be before since")
+        if (until_day - since_day).days >= MAX_REPORT_DAYS:
+            raise _ApiError(400, "bad_field", f"a report covers at most {MAX_REPORT_DAYS} days")
+        team = request.query.get("team") or None
+        if team is not None and not TEAM_NAME.fullmatch(team):
+            raise _ApiError(400, "bad_field", "team is a name of 1-64 characters")
+        zone = ZoneInfo(self._support.team(team).timezone if self._support is not None else REPORT_TIMEZONE)
+        since = datetime.combine(since_day, time(), zone)
+        until = datetime.combine(until_day + timedelta(days=1), time(), zone)
+        report = await self.csat.csat_report(since, until, team)
+        return web.json_response(
+            {**report.to_json(), "days": {"since": since_day.isoformat(), "until": until_day.isoformat()}}
         )
 
     # ---- orders
@@ -408,6 +442,16 @@ def _declared_id(body: str) -> str:
         return str(document["id"])
     problems = [Problem(source_name("?", 0), 1, "the body must be one script: a mapping with an `id`")]
     raise _ApiError(422, "invalid_script", "the body is not one script", problems=_problems_json(problems))
+
+
+def _query_date(request: web.Request, name: str) -> date:
+    raw = request.query.get(name, "")
+    try:
+        if not ISO_DAY.fullmatch(raw):
+            raise ValueError(raw)
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise _ApiError(400, "bad_field", f"{name} must be a date YYYY-MM-DD") from None
 
 
 def _query_int(request: web.Request, name: str) -> int | None:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.admin_api import create_api_app
 from bot.console import create_console_app
 from bot.console.handoff_actions import HandoffConsoleActions
+from bot.csat import CsatService
 from bot.handoff import HandoffService
 from bot.ingress import callback_routes
 from bot.kf_sync import KfPuller
@@ -39,6 +40,7 @@ from bot.settings import Settings, SettingsError
 from bot.sidebar import create_sidebar_app
 from bot.sla_store import SlaStore
 from bot.sla_sweep import RedisLock, SlaSweeper, sweep_ctx
+from bot.storage.csat_repository import CsatRepository
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
 from bot.storage.handoff_repository import HandoffRepository, SlaRepository
 from bot.storage.repositories import Repositories
@@ -301,6 +303,7 @@ class Services:
     scripts_watcher: ScriptsWatcher
     workers: list[WorkerRuntime] = field(default_factory=list)
     handoff: HandoffService | None = None
+    csat: CsatService | None = None
 
 
 def _support_config(settings: Settings) -> SupportConfig:
@@ -376,6 +379,7 @@ async def open_services(
             console_base_url=settings.bot_public_url or f"http://localhost:{settings.bot_port}",
             drain_lock=RedisLock(redis, keys.handoff_drain_lock()),
         )
+        csat = CsatService(CsatRepository(sessions, clock), repos, sender, clock, default_team=support.default_team)
         # 客户联系 APIs take the app secret's token.
         tag_syncer = CorpTagSyncer(app_client, repos, sessions, clock=clock)
         pipeline = Pipeline(
@@ -388,6 +392,7 @@ async def open_services(
             tag_syncer=tag_syncer,
             tag_config=settings.tag_config,  # computed tags recomputed on the events that change them
             handoff=handoff,
+            csat=csat,
         )
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
         scripts_watcher = ScriptsWatcher(
@@ -418,6 +423,7 @@ async def open_services(
             scripts=scripts,
             scripts_watcher=scripts_watcher,
             handoff=handoff,
+            csat=csat,
         )
     finally:
         await http.close()
@@ -481,7 +487,7 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
     app.add_routes(ops_routes(services))
     app.add_subapp("/api", create_api_app(services))
     actions = (
-        HandoffConsoleActions(services.handoff, services.redis, services.keys.prefix)
+        HandoffConsoleActions(services.handoff, services.redis, services.keys.prefix, csat=services.csat)
         if services.handoff is not None
         else None
     )

@@ -27,11 +27,14 @@ class Permission(StrEnum):
     SCRIPTS_WRITE = "scripts:write"
     ORDERS_WRITE = "orders:write"
     AUDIT_READ = "audit:read"
+    REPORTS_READ = "reports:read"  # CSAT (and other service) reports: team leads and admins
 
 
 ROLE_PERMISSIONS: dict[StaffRole, frozenset[Permission]] = {
     StaffRole.ADMIN: frozenset(Permission),
-    StaffRole.LEAD: frozenset({Permission.SCRIPTS_READ, Permission.SCRIPTS_WRITE, Permission.AUDIT_READ}),
+    StaffRole.LEAD: frozenset(
+        {Permission.SCRIPTS_READ, Permission.SCRIPTS_WRITE, Permission.AUDIT_READ, Permission.REPORTS_READ}
+    ),
     StaffRole.AGENT: frozenset({Permission.SCRIPTS_READ}),
     StaffRole.COMMUNITY: frozenset({Permission.SCRIPTS_READ}),
 }

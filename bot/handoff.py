@@ -12,8 +12,28 @@ moved only along the transitions WeCom allows (reference §4.1):
 - 95014/95019 (servicer not activated / stopped): that agent is marked away and the next one is tried, else the
   conversation queues. 95016 (illegal move): the session state is read back and followed.
 - Claims are conditional UPDATEs on (status, version): two agents claiming at once → exactly one wins.
-- Out of hours: an honest answer with the next opening, then the session waits in the pool (2) and the queue
+- Out of hours: an honest answer with the next opening, then the session waits in the queue and the queue
   drain assigns it when the team opens (the SLA sweep drains every second).
+
+Two kinds of assignment, decided per agent (WeCom accepts kf/send_msg only in states 0/1, else 95018):
+
+- WeCom mode: an agent with a `wecom_userid` (a kf servicer) answers in the WeCom client: kf 0/1 → 3 with
+  servicer_userid, as above. Their replies arrive through sync_msg (origin 5): `servicer_wrote`.
+- Console mode: an agent without one answers in the web console. The kf session stays in its API state (0/1: no
+  service_state/trans), only our row says open/assigned; the bot is quiet because it goes by our status; the
+  customer's notices (queued, assigned) and the agent's replies go out with kf/send_msg (`console_reply`, through
+  the outbox with a deterministic msgid, within WeCom's 48 h / 5-messages-per-customer-message window, checked
+  before WeCom is called). Resolve makes no kf move (1 → 4 is not known to be allowed): our status → resolved.
+- A session WeCom holds (2 or 3) can only go to a servicer (2 → 3, 3 → 3): routing, claims and transfers then
+  consider WeCom-mode agents only, and a transfer to a console agent is refused with the reason.
+
+Queueing: WeCom's pool (2) is a one-way door to WeCom mode (2 → 3 only), so a conversation is queued in WeCom's
+pool only when every agent of its team answers in WeCom (then servicers can also take it from the pool in the
+client, as before). As soon as the team has a console agent, the queue is ours alone: the session stays in 0/1,
+the queue notice goes out with kf/send_msg, and whoever the drain (or a claim) picks later, console or WeCom
+agent, can take it (0/1 → 3 is allowed; 2 → console is not). The cost: servicers of a mixed team do not see
+those waiting customers in the WeCom client's pool, only in the console, and the queue notice uses one of the
+five messages the customer's last message allows.
 """
 
 from __future__ import annotations
@@ -36,8 +56,8 @@ from bot.storage.handoff_repository import (
     HandoffConversation,
     HandoffRepository,
 )
-from bot.storage.models import ConversationStatus
-from bot.storage.repositories import Repositories
+from bot.storage.models import ConversationStatus, OutboxStatus
+from bot.storage.repositories import OutboxRecord, Repositories
 from bot.support_config import SupportConfig
 from bot.wecom.errors import WeComApiError
 from handlers.domain import Channel, Clock, InboundMessage, OutboundMessage
@@ -67,7 +87,35 @@ ERR_NOT_SERVICER = 95014
 ERR_BAD_TRANSITION = 95016
 ERR_SERVICER_STOPPED = 95019
 ERR_SESSION_ENDED = 95013
+ERR_STATE_FORBIDS_SEND = 95018
+ERR_QUOTA = 95001
+ERR_WINDOW = 95002
+ERR_NOT_CONSULTED = 95031
+ERR_DUPLICATE_MSGID = 40058  # a kf msgid used before: a resend of a reply WeCom already accepted
 SERVICER_REFUSALS = frozenset({ERR_NOT_SERVICER, ERR_SERVICER_STOPPED})
+KF_API_STATES = (None, KF_NEW, KF_BOT)  # kf/send_msg allowed (None: not read yet, a fresh session)
+KF_WECOM_STATES = (KF_POOL, KF_HUMAN)  # WeCom holds the session: only a servicer can take it
+KF_QUOTA = 5  # kf/send_msg messages per customer message
+KF_WINDOW_S = 48 * 3600
+CONSOLE_SEQ_FLOOR = 1000  # console replies' outbox seq, after the bot's own replies to the same message
+STALE_PENDING_S = 30.0  # a reserved console reply nobody finished sending: a retry may send it again
+
+# Why a console reply is refused (shown to the agent).
+KF_REPLY_IN_WECOM = (
+    "微信客服会话由人工接待时，只能在企业微信客户端回复（接口发送会被拒绝）。请在企业微信中回复该客户。"
+)
+REPLY_RESOLVED = "会话已解决，不能再回复"
+REPLY_QUEUED = "会话还在排队中，请先认领再回复"
+REPLY_WITH_BOT = "会话由机器人接待中，不能从工作台回复"
+REPLY_CHANNEL = "该渠道的会话暂不支持从工作台回复"
+REPLY_ENDED = "微信客服会话已结束，客户再次发消息后才能回复"
+REPLY_EXPIRED = "客户最后一条消息已超过 48 小时，微信客服不允许再回复；请等客户再次发消息"
+REPLY_QUOTA = "客户上一条消息之后已发送 5 条消息，达到微信客服上限；请等客户回复后再发送"
+REPLY_SENDING = "这条回复正在发送中，请稍后刷新查看"
+REPLY_FAILED = "发送失败（企业微信暂时不可用），请稍后重试"
+TO_CONSOLE_AGENT_REFUSED = (
+    "该会话已在企业微信中由人工接待，只能转给企业微信客服（对方未绑定企业微信账号，只能在工作台接待）"
+)
 TEXTCARD_TITLE_BYTES = 128
 TEXTCARD_DESCRIPTION_BYTES = 512
 LAST_MESSAGES = 3
@@ -128,6 +176,36 @@ class ResolveResult:
     resolved: bool
     end_msg_code: str | None = None  # from 3 → 4: a closing / survey message within 20 s (send_msg_on_event)
     message_zh: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Not allowed, with the reason for the agent (in Chinese) and a code for programs."""
+
+    code: str
+    message_zh: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyOutcome:
+    """A console reply: sent (or sent before, `duplicate`), or why not: code refused / conflict / not_found /
+    unavailable, and the reason in Chinese."""
+
+    ok: bool
+    code: str = "ok"
+    message_zh: str = ""
+    duplicate: bool = False
+
+
+def answers_in_wecom(agent: AgentRecord) -> bool:
+    """WeCom mode (a kf servicer, answers in the WeCom client) or console mode (answers in the web console)."""
+    return bool(agent.wecom_userid)
+
+
+def console_reply_key(conversation_id: int, client_key: str) -> str:
+    """The outbox key and kf msgid of a console reply: the same for every retry of the same submission."""
+    digest = hashlib.sha1(f"console:{conversation_id}:{client_key}".encode()).hexdigest()[:28]  # noqa: S324
+    return f"a{digest}"
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -245,9 +323,20 @@ class HandoffService:
 
     async def _routable(self, conversation: HandoffConversation) -> list[AgentRecord]:
         agents = await self.repo.agents()
-        if conversation.channel is Channel.KF:
-            agents = [a for a in agents if a.wecom_userid]  # a kf session needs a servicer userid
+        if self._servicers_only(conversation):
+            agents = [a for a in agents if answers_in_wecom(a)]  # WeCom holds the session: 2 → 3 / 3 → 3 only
         return agents
+
+    @staticmethod
+    def _servicers_only(conversation: HandoffConversation) -> bool:
+        return conversation.channel is Channel.KF and conversation.kf_service_state in KF_WECOM_STATES
+
+    async def _own_queue(self, conversation: HandoffConversation) -> bool:
+        """Queue in our DB only (kf stays 0/1) when a console agent of the team could take the conversation."""
+        team = conversation.team or self.config.default_team
+        return any(
+            not answers_in_wecom(a) and (a.team or self.config.default_team) == team for a in await self.repo.agents()
+        )
 
     async def decide(self, conversation: HandoffConversation, exclude: Iterable[int] = ()) -> RoutingDecision:
         """Where this conversation would go now (no change made)."""
@@ -348,9 +437,16 @@ class HandoffService:
         agent = await self.repo.agent(agent_id)
         if agent is None:
             return False
+        console_mode = not answers_in_wecom(agent)
+        if console_mode and self._servicers_only(conversation):
+            return False  # WeCom holds the session: a console agent cannot take it
         if not await self.repo.claim(conversation.id, agent_id, version=conversation.version):
             return False
-        if conversation.channel is Channel.KF:
+        if conversation.channel is Channel.KF and console_mode:
+            # The session stays in 0/1 (API-managed): the notice goes out with kf/send_msg.
+            text = fill(self.config.texts.assigned, agent_name=agent.display_name)
+            await self._notice(conversation, text, None, "assigned", agent_id)
+        elif conversation.channel is Channel.KF:
             try:
                 msg_code = await self._trans(conversation, KF_HUMAN, agent.wecom_userid)
             except WeComApiError as exc:
@@ -394,6 +490,11 @@ class HandoffService:
             reason=decision.reason.value if decision else "out_of_hours",
         )
         if conversation.channel is not Channel.KF or conversation.kf_service_state == KF_POOL:
+            return
+        if await self._own_queue(conversation):
+            # Our queue only: the session stays API-managed (0/1), so a console agent can still take it.
+            if decision is not None and conversation.kf_service_state in KF_API_STATES:
+                await self._notice(conversation, self.config.texts.queued, None, "queued")
             return
         try:
             msg_code = await self._trans(conversation, KF_POOL)
@@ -453,12 +554,12 @@ class HandoffService:
         if not queued:
             return []
         records = await self.repo.agents()
-        with_userid = [self._agent(a) for a in records if a.wecom_userid]
+        with_userid = [self._agent(a) for a in records if answers_in_wecom(a)]
         every = [self._agent(a) for a in records]
         now = self._clock.now()
         by_id = {c.id: c for c in queued}
-        kf_waiting = [c for c in queued if c.channel is Channel.KF]
-        other_waiting = [c for c in queued if c.channel is not Channel.KF]
+        kf_waiting = [c for c in queued if self._servicers_only(c)]  # in WeCom's pool: servicers only
+        other_waiting = [c for c in queued if not self._servicers_only(c)]
         decisions: dict[str, RoutingDecision] = {}
         for waiting, agents in ((kf_waiting, with_userid), (other_waiting, every)):
             items = [
@@ -492,6 +593,10 @@ class HandoffService:
         verdict = check_transfer(self._agent(record))
         if isinstance(verdict, TransferRefused):
             return ClaimResult(False, verdict.code.value, verdict.message_zh)
+        if not answers_in_wecom(record) and self._servicers_only(conversation):
+            return ClaimResult(
+                False, "wecom_only", "该会话已进入企业微信排队池，只能由企业微信客服在企业微信中接入"
+            )
         if not await self._assign(conversation, agent_id):
             fresh = await self.repo.conversation(conversation_id)
             if fresh is not None and fresh.status is ConversationStatus.QUEUED:
@@ -501,7 +606,9 @@ class HandoffService:
             return ClaimResult(False, "taken", "该会话已被其他同事接入")
         return ClaimResult(True)
 
-    async def transfer(self, conversation_id: int, to_agent_id: int) -> TransferAllowed | TransferRefused | Conflict:
+    async def transfer(
+        self, conversation_id: int, to_agent_id: int
+    ) -> TransferAllowed | TransferRefused | Conflict | Refused:
         """Move an open conversation to another agent; refused (with the reason) for offline or full agents."""
         conversation = await self.repo.conversation(conversation_id)
         target = await self.repo.agent(to_agent_id)
@@ -519,13 +626,16 @@ class HandoffService:
 
     async def _move(
         self, conversation: HandoffConversation, target: AgentRecord
-    ) -> TransferAllowed | TransferRefused | Conflict:
+    ) -> TransferAllowed | TransferRefused | Conflict | Refused:
         previous = conversation.assignee_id
+        if not answers_in_wecom(target) and self._servicers_only(conversation):
+            log.info("transfer refused", conversation_id=conversation.id, reason="wecom_only")
+            return Refused("wecom_only", TO_CONSOLE_AGENT_REFUSED)
         if not await self.repo.claim(
             conversation.id, target.id, version=conversation.version, from_statuses=HUMAN_STATUSES
         ):
             return Conflict()
-        if conversation.channel is Channel.KF:
+        if conversation.channel is Channel.KF and answers_in_wecom(target):
             try:
                 await self._trans(conversation, KF_HUMAN, target.wecom_userid)
             except WeComApiError as exc:
@@ -583,6 +693,147 @@ class HandoffService:
             await self.repo.claim(conversation.id, agent.id, version=conversation.version)
         await self.sla.human_reply(conversation.id, at)
         await self.repo.set_waiting(conversation.id, True)
+
+    # ------------------------------------------------------------------ console replies (console mode)
+
+    async def console_reply(
+        self, conversation_id: int, agent_id: int, text: str, client_key: str | None = None
+    ) -> ReplyOutcome:
+        """An agent's reply from the console, sent with kf/send_msg exactly once per submission.
+
+        `client_key` (the console form's idempotency key) names the submission; without one, the same text by the
+        same agent within the same customer turn counts as the same submission. The outbox row (keyed by it, seq
+        ≥ 1000 under the customer's last message) and the deterministic kf msgid make a retried or double POST
+        send at most once. Refused before WeCom is called: not with a person, WeCom-mode sessions (2/3: 95018),
+        ended or expired (48 h) sessions, and the sixth message since the customer's last one.
+        """
+        conversation = await self.repo.conversation(conversation_id)
+        if conversation is None:
+            return ReplyOutcome(False, "not_found", "会话不存在")
+        if client_key is None:
+            text_digest = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324
+            client_key = f"auto:{agent_id}:{text_digest}:{_epoch(conversation.last_inbound_at)}"
+        key = console_reply_key(conversation_id, client_key)
+        existing = await self.repo.outbox_by_key(key)
+        if existing is not None:
+            busy = self._busy(existing)
+            if busy is not None:
+                return busy
+        refusal = await self._reply_refusal(conversation)
+        if refusal is not None:
+            log.info("console reply refused", conversation_id=conversation_id, code=refusal.code)
+            return refusal
+        if existing is None:
+            inbound = await self.repo.last_customer_message_id(conversation.id)
+            if inbound is None:
+                return ReplyOutcome(False, "refused", REPLY_EXPIRED)
+            reply = OutboundMessage(
+                channel=conversation.channel,
+                to=conversation.external_id,
+                account_id=conversation.account_id,
+                msgtype="text",
+                content={"content": text},
+            )
+            record = await self._reserve_console(inbound, reply, key)
+            if not record.created:  # the same submission, reserved by a concurrent request
+                busy = self._busy(record)
+                if busy is not None:
+                    return busy
+        else:
+            record = existing
+        return await self._send_console(conversation, record, agent_id, resend=existing is not None)
+
+    def _busy(self, record: OutboxRecord) -> ReplyOutcome | None:
+        """A submission seen before: sent (ok, nothing more), being sent by another request, or to retry (None)."""
+        if record.sent:
+            return ReplyOutcome(True, duplicate=True)
+        age = self._clock.now() - record.created_at.timestamp()
+        if record.status is OutboxStatus.PENDING and record.attempts == 0 and age < STALE_PENDING_S:
+            return ReplyOutcome(False, "conflict", REPLY_SENDING)
+        return None
+
+    async def _reply_refusal(self, conversation: HandoffConversation) -> ReplyOutcome | None:
+        status = conversation.status
+        if status is ConversationStatus.RESOLVED:
+            return ReplyOutcome(False, "refused", REPLY_RESOLVED)
+        if status is ConversationStatus.QUEUED:
+            return ReplyOutcome(False, "refused", REPLY_QUEUED)
+        if status is ConversationStatus.BOT:
+            return ReplyOutcome(False, "refused", REPLY_WITH_BOT)
+        if conversation.channel is not Channel.KF:
+            return ReplyOutcome(False, "refused", REPLY_CHANNEL)
+        if conversation.kf_service_state in KF_WECOM_STATES:
+            return ReplyOutcome(False, "refused", KF_REPLY_IN_WECOM)
+        if conversation.kf_service_state == KF_ENDED:
+            return ReplyOutcome(False, "refused", REPLY_ENDED)
+        last = conversation.last_inbound_at
+        if last is None or self._clock.now() - last.timestamp() >= KF_WINDOW_S:
+            return ReplyOutcome(False, "refused", REPLY_EXPIRED)
+        # Counted from our own log of what went to the customer since their last message (conservative: a
+        # send_msg_on_event notice in that span counts too).
+        inbound = await self.repo.last_customer_message_id(conversation.id)
+        if inbound is None:
+            return ReplyOutcome(False, "refused", REPLY_EXPIRED)
+        if await self.repo.sent_after(conversation, inbound) >= KF_QUOTA:
+            return ReplyOutcome(False, "refused", REPLY_QUOTA)
+        return None
+
+    async def _reserve_console(self, inbound: int, reply: OutboundMessage, key: str) -> OutboxRecord:
+        seq = await self.repo.next_console_seq(inbound, CONSOLE_SEQ_FLOOR)
+        while True:
+            try:
+                record = await self.repos.outbox.reserve_reply(inbound, seq, reply, key)
+            except ValueError:  # the key is taken under another seq: a concurrent twin of this submission
+                twin = await self.repo.outbox_by_key(key)
+                if twin is None:
+                    raise
+                return twin
+            if record.idempotency_key == key:
+                return record
+            seq += 1  # another console reply took this seq meanwhile
+
+    async def _send_console(
+        self, conversation: HandoffConversation, record: OutboxRecord, agent_id: int, *, resend: bool
+    ) -> ReplyOutcome:
+        reply = record.to_outbound()
+        try:
+            msgid = await self._sender.send(reply, record.idempotency_key, resend=resend)
+        except WeComApiError as exc:
+            if not (resend and exc.errcode == ERR_DUPLICATE_MSGID):
+                await self.repos.outbox.mark_failed(record.id, f"errcode {exc.errcode}")
+                log.warning("console reply not sent", conversation_id=conversation.id, errcode=exc.errcode)
+                return await self._send_refusal(conversation, exc.errcode)
+            msgid = record.idempotency_key  # an earlier attempt was delivered: WeCom refuses the msgid again
+        except Exception as exc:
+            await self.repos.outbox.mark_failed(record.id, type(exc).__name__)
+            log.warning("console reply not sent", conversation_id=conversation.id, error=type(exc).__name__)
+            return ReplyOutcome(False, "unavailable", REPLY_FAILED)
+        now = self._clock.now()
+        sent_at = datetime.fromtimestamp(now, UTC)
+        text = str(record.payload.get("content", ""))
+        await self.repo.record_agent_message(conversation, record.idempotency_key, text, agent_id, sent_at)
+        await self.repos.outbox.mark_sent(record.id, msgid)
+        await self.sla.human_reply(conversation.id, now)
+        await self.repo.set_waiting(conversation.id, True)  # back to open when the customer writes
+        log.info("console reply sent", conversation_id=conversation.id, agent_id=agent_id)
+        return ReplyOutcome(True)
+
+    async def _send_refusal(self, conversation: HandoffConversation, errcode: int) -> ReplyOutcome:
+        if errcode == ERR_QUOTA:
+            return ReplyOutcome(False, "refused", REPLY_QUOTA)
+        if errcode in (ERR_WINDOW, ERR_NOT_CONSULTED):
+            return ReplyOutcome(False, "refused", REPLY_EXPIRED)
+        if errcode == ERR_SESSION_ENDED:
+            return ReplyOutcome(False, "refused", REPLY_ENDED)
+        if errcode == ERR_STATE_FORBIDS_SEND:
+            fresh = await self._read_kf_state(conversation)  # WeCom moved it (e.g. a servicer took it)
+            reason = KF_REPLY_IN_WECOM if fresh.kf_service_state in KF_WECOM_STATES else REPLY_ENDED
+            return ReplyOutcome(False, "refused", reason)
+        return ReplyOutcome(False, "unavailable", REPLY_FAILED)
+
+    async def agents(self) -> list[AgentRecord]:
+        """The routable staff, with presence and load (the console's transfer picker)."""
+        return await self.repo.agents()
 
     # ------------------------------------------------------------------ agent notifications
 
@@ -675,5 +926,9 @@ __all__: Sequence[str] = [
     "HandoffReason",
     "HandoffService",
     "HandoffStatus",
+    "Refused",
+    "ReplyOutcome",
     "ResolveResult",
+    "answers_in_wecom",
+    "console_reply_key",
 ]

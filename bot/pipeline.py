@@ -16,6 +16,7 @@ from bot.storage.models import AnswerStatus, ConversationStatus, MessageStatus
 from bot.storage.repositories import InboundRecord, Repositories
 from bot.wecom.errors import WeComApiError
 from bot.wecom.parse import CallbackParseError, kf_message_to_inbound, parse_plaintext, to_inbound
+from handlers.csat import is_survey_answer
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Channel, Clock, HandlerContext, InboundMessage, KfOrigin, OutboundMessage
 from handlers.handoff import (
@@ -80,6 +81,30 @@ class TagSyncPort(Protocol):
 QUIET_HANDLER = "handoff_quiet"  # the customer wrote while people have the conversation: the bot stays quiet
 HANDOFF_HANDLER = "handoff"  # a tag policy sent the customer straight to a person
 SERVICER_HANDLER = "servicer_line"  # a servicer wrote from the WeCom client (kf origin 5)
+CSAT_HANDLER = "csat_answer"  # the customer clicked a satisfaction-survey item (menu_id csat:N)
+
+KF_SESSION_STATUS_CHANGE = "session_status_change"
+KF_SESSION_ENDED_BY_SERVICER = "3"  # change_type 3: a servicer ended the session; msg_code for a closing/survey
+
+
+class CsatAnswerPort(Protocol):
+    """What the pipeline reads back from a recorded survey click (bot.csat.CsatAnswer)."""
+
+    @property
+    def recorded(self) -> bool: ...
+
+    @property
+    def thanks(self) -> str | None: ...
+
+
+class CsatPort(Protocol):
+    """The satisfaction survey (bot.csat.CsatService), as the pipeline uses it."""
+
+    async def ask(
+        self, conversation_id: int, end_msg_code: str | None, *, code_issued_at: float | None = None
+    ) -> object: ...
+
+    async def record_answer(self, message: InboundMessage, customer_id: int) -> CsatAnswerPort: ...
 
 
 class HandoffPort(Protocol):
@@ -132,6 +157,7 @@ class Pipeline:
         tag_sync_timeout_s: float = TAG_SYNC_TIMEOUT_S,
         tag_config: TagConfig | None = None,
         handoff: HandoffPort | None = None,
+        csat: CsatPort | None = None,
     ) -> None:
         self._repos = repos
         self._dispatcher = dispatcher
@@ -143,6 +169,7 @@ class Pipeline:
         self._tag_sync_timeout_s = tag_sync_timeout_s
         self._tag_config = tag_config  # None: computed tags change only by the daily job and order imports
         self._handoff = handoff  # None: no handoff (the bot answers everything, as before)
+        self._csat = csat  # None: no satisfaction survey (a csat:N click is then an ordinary text)
 
     async def process(self, entry: QueueEntry) -> None:
         """Handle one entry; raising leaves it pending so the worker retries (then dead-letters) it."""
@@ -175,6 +202,11 @@ class Pipeline:
         if message.msgtype == "unknown":
             bound.info("unknown message type stored", wecom_type=_wecom_type(message.raw))
             await messages.mark_status(record.id, MessageStatus.UNKNOWN)
+            return
+        if self._csat is not None and self._is_survey_answer(message, record):
+            await self._survey_answer(self._csat, message, record)
+            await messages.mark_handled(record.id, CSAT_HANDLER)
+            bound.info("message handled", handler=CSAT_HANDLER)
             return
         await self._sync_corp_tags(message, record)
         tags = await self._customer_tags(message, record)
@@ -241,6 +273,7 @@ class Pipeline:
             return SERVICER_HANDLER
         if message.msgtype == "event":
             await handoff.kf_event(message, conversation)
+            await self._survey_on_session_end(message, conversation)
             return None  # the dispatcher still sees events (the enter_session welcome)
         if not is_customer_text(message):
             return None
@@ -255,6 +288,61 @@ class Pipeline:
                 if getattr(outcome, "status", None) != "deferred":
                     return HANDOFF_HANDLER
         return None
+
+    @staticmethod
+    def _is_survey_answer(message: InboundMessage, record: InboundRecord) -> bool:
+        return (
+            message.channel is Channel.KF
+            and is_customer_text(message)
+            and record.customer_id is not None
+            and is_survey_answer(message.menu_id)
+        )
+
+    async def _survey_answer(self, csat: CsatPort, message: InboundMessage, record: InboundRecord) -> None:
+        """A survey click: the score is stored once (first answer wins); no scripts, no handoff triggers.
+
+        The thanks goes out for the click that stored the score, through the outbox keyed on this message (a
+        retried entry resends nothing twice), and only while the session is the API's (0/1).
+        """
+        assert record.customer_id is not None
+        answer = await csat.record_answer(message, record.customer_id)
+        thanks = answer.thanks
+        if thanks is None:
+            return
+        if not answer.recorded and not await self._repos.outbox.replies_for(record.id):
+            return  # a later click on an answered survey: ignored (not an error)
+        reply = OutboundMessage(
+            channel=Channel.KF,
+            to=message.sender_id,
+            account_id=message.account_id,
+            msgtype="text",
+            content={"content": thanks},
+        )
+        suppressed = await self._kf_state_forbids_sends(message, record, [reply])
+        if suppressed is not None:
+            log.info("csat thanks not sent: kf session not served by the bot", kf_service_state=suppressed)
+            return
+        await self._send_once(record.id, message, 0, reply)
+
+    async def _survey_on_session_end(self, message: InboundMessage, conversation: HandoffConversation) -> None:
+        """A servicer ended the kf session in the WeCom client: ask the survey with the event's msg_code now.
+
+        Asked only when the event resolved the conversation (HandoffPort.kf_event); the code lives 20 s from the
+        event's send_time, which is passed along so an event pulled late is not even tried.
+        """
+        csat, handoff = self._csat, self._handoff
+        if csat is None or handoff is None or message.event != KF_SESSION_STATUS_CHANGE:
+            return
+        raw_event = message.raw.get("event") if isinstance(message.raw, Mapping) else None
+        event: Mapping[str, Any] = raw_event if isinstance(raw_event, Mapping) else {}
+        if str(event.get("change_type")) != KF_SESSION_ENDED_BY_SERVICER:
+            return
+        fresh = await handoff.conversation(conversation.id)
+        if fresh is None or fresh.status is not ConversationStatus.RESOLVED:
+            return
+        code = str(event.get("msg_code") or "") or None
+        issued_at = float(message.created_at) if message.created_at > 0 else None
+        await csat.ask(conversation.id, code, code_issued_at=issued_at)
 
     async def _after_dispatch(
         self,

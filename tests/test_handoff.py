@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bot.app import build_dispatcher, open_services
-from bot.handoff import Conflict, HandoffService
+from bot.handoff import KF_REPLY_IN_WECOM, Conflict, HandoffService, Refused
 from bot.outbound import WeComSender
 from bot.pipeline import QUIET_HANDLER, Pipeline
 from bot.sla_store import SlaStore
@@ -89,10 +89,17 @@ class Desk:
         return self.h.sim
 
     async def agent(
-        self, username: str, *, presence: str = "online", capacity: int = 5, role: StaffRole = StaffRole.AGENT
+        self,
+        username: str,
+        *,
+        presence: str = "online",
+        capacity: int = 5,
+        role: StaffRole = StaffRole.AGENT,
+        wecom: bool = True,
     ) -> int:
+        """An agent of the support team: a kf servicer (WeCom mode), or with `wecom=False` a console agent."""
         user = await self.h.services.repos.staff.add_user(
-            username, role, display_name=f"客服{username}", team="support", wecom_userid=username
+            username, role, display_name=f"客服{username}", team="support", wecom_userid=username if wecom else None
         )
         await self.repo.set_agent_profile(user.id, capacity=capacity)
         await self.repo.set_presence(user.id, presence)
@@ -121,6 +128,9 @@ class Desk:
 
     def sent(self, recipient: str) -> list[tuple[str, str, Any]]:
         return [(s.api, s.msgtype, s.content) for s in self.sim.sent_after(0, recipient) if s.accepted]
+
+    def trans_calls(self) -> int:
+        return sum(1 for c in self.sim.calls if c.path.endswith("kf/service_state/trans"))
 
     def cards(self, member: str) -> list[dict[str, Any]]:
         return [s.content for s in self.sim.sent_after(0, member) if s.api == "message/send" and s.accepted]
@@ -455,3 +465,115 @@ async def test_servicer_status_change_in_wecom_sets_presence_and_drains_the_queu
     assert agent is not None and agent.presence == "online"
     row = await desk.repo.conversation(conversation_id)
     assert row is not None and row.assignee_id == zhang and desk.kf("wmBack") == (3, "zhangsan")
+
+
+# ------------------------------------------------------------------------------------------- console mode
+
+
+async def test_a_console_agent_takes_the_conversation_while_the_kf_session_stays_api_managed(desk: Desk) -> None:
+    console_agent = await desk.agent("lisi", wecom=False)
+    conversation_id = await desk.say("wmCon", "转人工")
+
+    row = await desk.repo.conversation(conversation_id)
+    assert row is not None and (row.status, row.assignee_id) == (ConversationStatus.OPEN, console_agent)
+    assert desk.kf("wmCon")[0] in (0, 1) and desk.trans_calls() == 0  # no service_state/trans at all
+    sent = desk.sent("wmCon")
+    assert [api for api, _t, _c in sent] == ["kf/send_msg", "kf/send_msg"]  # script reply, then assigned notice
+    assert "客服lisi" in sent[-1][2]["content"]
+
+    quiet = await desk.say("wmCon", "在吗？")
+    assert quiet == conversation_id and len(desk.sent("wmCon")) == 2  # the bot stays quiet
+
+
+async def test_a_mixed_team_queues_in_our_own_queue_and_a_console_agent_coming_online_takes_it(desk: Desk) -> None:
+    zhang = await desk.agent("zhangsan", presence="offline")
+    li = await desk.agent("lisi", presence="offline", wecom=False)
+    conversation_id = await desk.say("wmMix", "转人工")
+
+    row = await desk.repo.conversation(conversation_id)
+    assert row is not None and row.status is ConversationStatus.QUEUED
+    assert desk.kf("wmMix")[0] in (0, 1) and desk.trans_calls() == 0  # not WeCom's pool: a console agent may take it
+    assert [c for api, _t, c in desk.sent("wmMix") if api == "kf/send_msg"][-1] == {"content": ALWAYS.texts.queued}
+
+    assert await desk.service.set_presence(li, Presence.ONLINE) == [(conversation_id, li)]
+    assert desk.kf("wmMix")[0] in (0, 1)
+    # A WeCom agent may still get such a conversation later: transfer moves 0/1 → 3 to the servicer.
+    await desk.repo.set_presence(zhang, "online")
+    moved = await desk.service.transfer(conversation_id, zhang)
+    assert not isinstance(moved, TransferRefused | Conflict | Refused)
+    assert desk.kf("wmMix") == (3, "zhangsan")
+
+
+async def test_console_reply_sends_once_counts_for_the_sla_and_waits_on_the_customer(desk: Desk) -> None:
+    li = await desk.agent("lisi", wecom=False)
+    conversation_id = await desk.say("wmReply", "转人工")
+    desk.h.clock.advance(5)
+
+    first = await desk.service.console_reply(conversation_id, li, "您好，我来帮您看看", "form-key-1")
+    again = await desk.service.console_reply(conversation_id, li, "您好，我来帮您看看", "form-key-1")
+    both = await asyncio.gather(
+        desk.service.console_reply(conversation_id, li, "还有别的问题吗", "form-key-2"),
+        desk.service.console_reply(conversation_id, li, "还有别的问题吗", "form-key-2"),
+    )
+    assert first.ok and not first.duplicate and again.ok and again.duplicate
+    assert sum(1 for r in both if r.ok and not r.duplicate) == 1
+    texts = [c["content"] for api, _t, c in desk.sent("wmReply") if api == "kf/send_msg"]
+    assert texts.count("您好，我来帮您看看") == 1 and texts.count("还有别的问题吗") == 1
+
+    [*_, last] = await desk.h.services.repos.messages.conversation_messages(conversation_id)
+    assert last.direction.value == "out" and last.payload.get("author") == "agent" and last.payload["agent_id"] == li
+    state = await desk.service.sla.state(conversation_id)
+    assert state is not None and state.first_response is not None
+    assert state.first_response.status.value == "fulfilled"
+    row = await desk.repo.conversation(conversation_id)
+    assert row is not None and row.status is ConversationStatus.WAITING
+
+    await desk.say("wmReply", "好的，谢谢")  # the customer answers: back to open, the bot still quiet
+    row = await desk.repo.conversation(conversation_id)
+    assert row is not None and row.status is ConversationStatus.OPEN
+    assert not [c for c in desk.sim.calls if c.errcode == 95018]
+
+
+async def test_console_reply_is_refused_before_wecom_over_quota_after_48_hours_and_in_wecom_mode(desk: Desk) -> None:
+    li = await desk.agent("lisi", wecom=False)
+    conversation_id = await desk.say("wmQuota", "转人工")  # script reply + assigned notice: 2 of 5 used
+    for n in range(3):
+        assert (await desk.service.console_reply(conversation_id, li, f"第{n}条", f"quota-{n}")).ok
+    calls = len(desk.sim.calls)
+    over = await desk.service.console_reply(conversation_id, li, "第六条", "quota-6")
+    assert not over.ok and over.code == "refused" and "5 条" in over.message_zh
+    assert len(desk.sim.calls) == calls  # WeCom was not asked
+
+    await desk.say("wmQuota", "还在吗")  # a customer message refreshes the quota
+    assert (await desk.service.console_reply(conversation_id, li, "在的", "quota-7")).ok
+
+    desk.h.clock.advance(48 * 3600)
+    calls = len(desk.sim.calls)
+    late = await desk.service.console_reply(conversation_id, li, "还需要帮忙吗", "late")
+    assert not late.ok and "48 小时" in late.message_zh and len(desk.sim.calls) == calls
+
+    await desk.agent("zhangsan")
+    wecom_mode = await desk.say("wmWeCom", "转人工")
+    assert desk.kf("wmWeCom")[0] == 3
+    calls = len(desk.sim.calls)
+    refused = await desk.service.console_reply(wecom_mode, li, "您好", "wecom")
+    assert not refused.ok and refused.message_zh == KF_REPLY_IN_WECOM and len(desk.sim.calls) == calls
+    moved = await desk.service.transfer(wecom_mode, li)  # 3 → a console agent is impossible: refused
+    assert isinstance(moved, Refused) and "企业微信" in moved.message_zh
+
+
+async def test_resolving_a_console_conversation_makes_no_kf_move_and_the_bot_answers_again(desk: Desk) -> None:
+    li = await desk.agent("lisi", wecom=False)
+    conversation_id = await desk.say("wmEnd", "转人工")
+    assert (await desk.service.console_reply(conversation_id, li, "已为您处理好了", "end-1")).ok
+
+    result = await desk.service.resolve(conversation_id)
+    assert result.resolved and result.end_msg_code is None and desk.trans_calls() == 0
+    row = await desk.repo.conversation(conversation_id)
+    assert row is not None and row.status is ConversationStatus.RESOLVED and row.last_agent_id == li
+    refused = await desk.service.console_reply(conversation_id, li, "还有吗", "end-2")
+    assert not refused.ok and "已解决" in refused.message_zh
+
+    before = len(desk.sent("wmEnd"))
+    again = await desk.say("wmEnd", "你好")
+    assert again != conversation_id and len(desk.sent("wmEnd")) == before + 1  # the bot answers

@@ -9,7 +9,7 @@ publishing the change with `publish_console_event`) is the implementation's job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from bot.console.policy import ConsoleUser
 
@@ -47,8 +47,11 @@ class ConsoleActions(Protocol):
         """Take a queued conversation (exactly one of two concurrent claims wins; the other gets code conflict)."""
         ...
 
-    async def reply(self, conversation_id: int, agent: ConsoleUser, text: str) -> ActionResult:
-        """Send `text` (1-2048 characters, validated) to the customer as this agent."""
+    async def reply(
+        self, conversation_id: int, agent: ConsoleUser, text: str, idempotency_key: str | None = None
+    ) -> ActionResult:
+        """Send `text` (1-2048 characters, validated) to the customer as this agent, once per `idempotency_key`
+        (the console form's key for one submission; a retried POST with the same key does not send again)."""
         ...
 
     async def transfer(self, conversation_id: int, agent: ConsoleUser, to_agent_id: int) -> ActionResult:
@@ -67,7 +70,9 @@ class NotWiredActions:
     async def claim(self, conversation_id: int, agent: ConsoleUser) -> ActionResult:
         return NOT_WIRED
 
-    async def reply(self, conversation_id: int, agent: ConsoleUser, text: str) -> ActionResult:
+    async def reply(
+        self, conversation_id: int, agent: ConsoleUser, text: str, idempotency_key: str | None = None
+    ) -> ActionResult:
         return NOT_WIRED
 
     async def transfer(self, conversation_id: int, agent: ConsoleUser, to_agent_id: int) -> ActionResult:
@@ -75,3 +80,32 @@ class NotWiredActions:
 
     async def resolve(self, conversation_id: int, agent: ConsoleUser) -> ActionResult:
         return NOT_WIRED
+
+
+PRESENCES = ("online", "away", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    """An agent as the console shows them: presence, load, and where they answer (wecom or console)."""
+
+    id: int
+    name: str
+    team: str | None
+    presence: str
+    open_count: int
+    capacity: int
+    answers_in: str
+
+
+@runtime_checkable
+class AgentDirectory(Protocol):
+    """Agents' presence and load (the presence toggle and the transfer picker); the handoff adapter has it."""
+
+    async def agents(self, viewer: ConsoleUser) -> list[AgentInfo]:
+        """The agents this user may see: their team's (an admin: everyone's)."""
+        ...
+
+    async def set_presence(self, agent: ConsoleUser, presence: str) -> ActionResult:
+        """online / away / offline for the signed-in agent; online takes from the queue at once."""
+        ...

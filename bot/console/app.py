@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from bot.auth import json_error
-from bot.console.actions import ConsoleActions, NotWiredActions
+from bot.console.actions import AgentDirectory, ConsoleActions, NotWiredActions
 from bot.console.events import EventHub
 from bot.console.policy import ConsoleUser
 from bot.console.sessions import DEFAULT_ABSOLUTE_S, DEFAULT_IDLE_S, ConsoleKeys, LoginLimiter, SessionStore
@@ -139,9 +139,11 @@ def create_console_app(
     idle_s: float = DEFAULT_IDLE_S,
     absolute_s: float = DEFAULT_ABSOLUTE_S,
     heartbeat_s: float = 15.0,
+    directory: AgentDirectory | None = None,
 ) -> web.Application:
     """The /console sub-application. `actions` is the handoff service's ConsoleActions (default: NotWiredActions,
-    every action answers 503); `clock` defaults to the services' clock (sessions expire by it)."""
+    every action answers 503); `directory` (presence, transfer picker) defaults to `actions` when it is one (the
+    handoff adapter is); `clock` defaults to the services' clock (sessions expire by it)."""
     clock = clock or services.clock
     keys = ConsoleKeys(services.settings.redis_key_prefix)
     sessions = create_session_factory(services.engine)
@@ -157,6 +159,7 @@ def create_console_app(
         actions=actions or NotWiredActions(),
         timezone=ZoneInfo(timezone),
         heartbeat_s=heartbeat_s,
+        directory=directory if directory is not None else (actions if isinstance(actions, AgentDirectory) else None),
     )
     app = web.Application(middlewares=console_middlewares(state))
     app[CONSOLE_STATE] = state

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from bot.console.actions import ConsoleActions
+from bot.console.actions import AgentDirectory, ConsoleActions
 from bot.console.events import EventHub
 from bot.console.policy import ConsoleUser
 from bot.console.sessions import ConsoleKeys, ConsoleSession, LoginLimiter, SessionStore
@@ -39,6 +39,7 @@ class ConsoleState:
     actions: ConsoleActions
     timezone: ZoneInfo
     heartbeat_s: float = 15.0
+    directory: AgentDirectory | None = None  # presence toggle and transfer picker (None: not offered)
 
     @property
     def secure_cookies(self) -> bool:

@@ -31,6 +31,8 @@ REASON_LABELS = {
 AUTHOR_LABELS = {"customer": "客户", "bot": "机器人", "agent": "客服"}
 CLOCK_LABELS = {"first_response": "首次响应", "next_response": "下次响应", "resolution": "解决"}
 PRIORITY_LABELS = {"low": "低", "normal": "普通", "high": "高", "urgent": "紧急"}
+PRESENCE_LABELS = {"online": "在线", "away": "离开", "offline": "离线"}
+ANSWERS_IN_LABELS = {"wecom": "企业微信", "console": "工作台"}
 
 
 def esc(value: object) -> str:
@@ -141,6 +143,8 @@ def inbox_page(
     queue: Sequence[dict[str, object]],
     mine: Sequence[dict[str, object]],
     mine_title: str,
+    *,
+    presence: str | None = None,
 ) -> str:
     if not user.sees_conversations:
         body = '<h1>收件箱</h1><p class="muted">你的角色无权查看客户会话。</p>'
@@ -148,6 +152,8 @@ def inbox_page(
     head = "<tr><th>客户</th><th>标签</th><th>状态</th><th>转人工原因</th>"
     body = (
         '<h1>收件箱</h1><p id="live" class="muted" role="status" aria-live="polite">实时更新连接中…</p>'
+        + presence_form(csrf, presence)
+        +
         f'<section aria-labelledby="queue-title"><h2 id="queue-title">排队中（<span id="queue-count">{len(queue)}'
         "</span>）</h2>"
         f'<table class="inbox" id="queue"><thead>{head}<th>已等待</th><th>SLA</th></tr></thead>'
@@ -162,7 +168,55 @@ def inbox_page(
     return page("收件箱", body, user=user, csrf=csrf, now=now)
 
 
-def conversation_page(user: ConsoleUser, csrf: str, now: float, detail: dict[str, object]) -> str:
+def presence_form(csrf: str, presence: str | None) -> str:
+    """The 在线 / 离开 / 离线 toggle (only for staff who take conversations)."""
+    if presence is None:
+        return ""
+    buttons = "".join(
+        f'<button type="submit" name="presence" value="{value}" '
+        f'aria-pressed="{"true" if value == presence else "false"}">{text}</button>'
+        for value, text in PRESENCE_LABELS.items()
+    )
+    return (
+        '<section class="presence" aria-labelledby="presence-title"><h2 id="presence-title">接待状态</h2>'
+        '<form method="post" action="/console/api/presence" data-presence="1">'
+        f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
+        f'<span id="presence-now" data-presence="{esc(presence)}">当前：{esc(label(PRESENCE_LABELS, presence))}</span>'
+        f"{buttons}</form>"
+        '<p id="presence-result" role="status" aria-live="polite"></p></section>'
+    )
+
+
+def agent_option_text(agent: dict[str, object]) -> str:
+    presence = label(PRESENCE_LABELS, str(agent.get("presence")))
+    where = label(ANSWERS_IN_LABELS, str(agent.get("answers_in")))
+    return f"{agent.get('name')}（{presence}，{agent.get('open_count')}/{agent.get('capacity')}，{where}）"
+
+
+def transfer_field(agents: Sequence[dict[str, object]] | None) -> str:
+    if agents is None:
+        return (
+            '<label for="transfer-to">转给客服（编号）</label>'
+            '<input id="transfer-to" name="to_agent_id" type="number" min="1" required inputmode="numeric">'
+        )
+    options = "".join(f'<option value="{esc(a["id"])}">{esc(agent_option_text(a))}</option>' for a in agents)
+    return (
+        '<label for="transfer-to">转给同事</label>'
+        '<select id="transfer-to" name="to_agent_id" required data-agents="/console/api/agents">'
+        f'<option value="">请选择同事…</option>{options}</select>'
+    )
+
+
+def conversation_page(
+    user: ConsoleUser,
+    csrf: str,
+    now: float,
+    detail: dict[str, object],
+    *,
+    agents: Sequence[dict[str, object]] | None = None,
+    reply_key: str = "",
+) -> str:
+    """`agents`: the transfer picker's choices (None: no agent directory wired, so a plain id field)."""
     row = detail["row"]
     assert isinstance(row, dict)
     sla = row.get("sla")
@@ -191,12 +245,12 @@ def conversation_page(user: ConsoleUser, csrf: str, now: float, detail: dict[str
         f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
         '<label for="reply-text">回复客户</label>'
         '<textarea id="reply-text" name="text" required maxlength="2048" rows="3"></textarea>'
+        f'<input type="hidden" name="idempotency_key" value="{esc(reply_key)}">'
         '<button type="submit">发送</button></form>'
         f'<form method="post" action="/console/api/conversations/{cid}/transfer" data-action="transfer">'
         f'<input type="hidden" name="csrf" value="{esc(csrf)}">'
-        '<label for="transfer-to">转给客服（编号）</label>'
-        '<input id="transfer-to" name="to_agent_id" type="number" min="1" required inputmode="numeric">'
-        '<button type="submit">转接</button></form>'
+        + transfer_field(agents)
+        + '<button type="submit">转接</button></form>'
         f'<form method="post" action="/console/api/conversations/{cid}/resolve" data-action="resolve">'
         f'<input type="hidden" name="csrf" value="{esc(csrf)}"><button type="submit">标记解决</button></form>'
         "</section>"
@@ -262,7 +316,7 @@ header.top { display: flex; gap: 16px; align-items: center; padding: 8px 16px; b
 header.top nav a { margin-right: 12px; }
 header.top .who { margin-left: auto; color: var(--muted); }
 a { color: var(--accent); }
-a:focus, button:focus, input:focus, textarea:focus { outline: 3px solid #7aa7ff; outline-offset: 1px; }
+a:focus, button:focus, input:focus, textarea:focus, select:focus { outline: 3px solid #7aa7ff; outline-offset: 1px; }
 table.inbox { width: 100%; border-collapse: collapse; }
 table.inbox th, table.inbox td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line); }
 ul.tags { list-style: none; margin: 0; padding: 0; display: flex; flex-wrap: wrap; gap: 4px; }
@@ -274,7 +328,10 @@ li.tag { background: #eef2f7; border-radius: 4px; padding: 0 6px; font-size: 13p
 .error { color: var(--bad); }
 section.login { max-width: 360px; margin: 10vh auto; }
 form label { display: block; margin-top: 8px; }
-input, textarea { font: inherit; width: 100%; padding: 6px; border: 1px solid var(--line); border-radius: 4px; }
+section.presence form { display: flex; gap: 8px; align-items: center; }
+section.presence button { margin: 0; background: #fff; color: var(--accent); }
+section.presence button[aria-pressed="true"] { background: var(--accent); color: #fff; }
+input, textarea, select { font: inherit; width: 100%; padding: 6px; border: 1px solid var(--line); border-radius: 4px; }
 button { font: inherit; margin-top: 8px; padding: 6px 14px; border: 1px solid var(--accent); border-radius: 4px;
   background: var(--accent); color: #fff; cursor: pointer; }
 form.logout button { margin: 0; background: #fff; color: var(--accent); }
@@ -385,24 +442,85 @@ JS = r"""
     source.onerror = function () { live.textContent = "实时更新已断开，正在重连…"; body.removeAttribute("data-live"); };
     source.onopen = function () { schedule(); };
   }
+  function post(url, data) {
+    return fetch(url, {method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json"},
+      body: JSON.stringify(data)}).then(function (r) { return r.json(); });
+  }
+  function newKey() {
+    var bytes = new Uint8Array(18);
+    crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) { return ("0" + b.toString(16)).slice(-2); }).join("");
+  }
+  // A reply keeps its idempotency key while its text is unchanged: sending it again (a double click, a retry
+  // after a network error) never reaches the customer twice; an edited text is a new reply.
+  var replyText = document.getElementById("reply-text");
+  var replyKey = document.querySelector('input[name="idempotency_key"]');
+  if (replyText && replyKey) {
+    replyText.addEventListener("input", function () { replyKey.value = newKey(); });
+  }
   document.querySelectorAll("section.actions form").forEach(function (form) {
     form.addEventListener("submit", function (event) {
       event.preventDefault();
       var out = document.getElementById("action-result");
+      var button = form.querySelector("button");
       var data = {};
       new FormData(form).forEach(function (v, k) { if (k !== "csrf") { data[k] = v; } });
-      fetch(form.action, {method: "POST", credentials: "same-origin",
-        headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf, "Accept": "application/json"},
-        body: JSON.stringify(data)})
-        .then(function (r) { return r.json(); })
+      if (button) { button.disabled = true; }
+      post(form.action, data)
         .then(function (result) {
           out.textContent = result.ok ? "已完成" : (result.message || "操作失败");
           out.className = result.ok ? "" : "error";
           if (result.ok) { setTimeout(function () { location.reload(); }, 300); }
         })
-        .catch(function () { out.textContent = "网络错误，请重试"; out.className = "error"; });
+        .catch(function () { out.textContent = "网络错误，请重试"; out.className = "error"; })
+        .then(function () { if (button) { button.disabled = false; } });
     });
   });
+  var presenceForm = document.querySelector("form[data-presence]");
+  if (presenceForm) {
+    presenceForm.querySelectorAll("button[name=presence]").forEach(function (button) {
+      button.addEventListener("click", function (event) {
+        event.preventDefault();
+        var out = document.getElementById("presence-result");
+        post(presenceForm.action, {presence: button.value})
+          .then(function (result) {
+            out.textContent = result.ok ? "接待状态已更新" : (result.message || "操作失败");
+            out.className = result.ok ? "" : "error";
+            if (!result.ok) { return; }
+            presenceForm.querySelectorAll("button[name=presence]").forEach(function (b) {
+              b.setAttribute("aria-pressed", b === button ? "true" : "false");
+            });
+            var current = document.getElementById("presence-now");
+            current.setAttribute("data-presence", button.value);
+            current.textContent = "当前：" + button.textContent;
+            schedule();
+          })
+          .catch(function () { out.textContent = "网络错误，请重试"; out.className = "error"; });
+      });
+    });
+  }
+  var picker = document.querySelector("select[data-agents]");
+  if (picker) {  // fresh presence and load for the transfer picker
+    fetch("/console/api/agents", {credentials: "same-origin", headers: {"Accept": "application/json"}})
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (data) {
+        if (!data) { return; }
+        var chosen = picker.value;
+        var names = {online: "在线", away: "离开", offline: "离线"};
+        var where = {wecom: "企业微信", console: "工作台"};
+        var options = [el("option", {value: ""}, "请选择同事…")];
+        data.agents.forEach(function (a) {
+          if (a.id === data.me) { return; }
+          options.push(el("option", {value: String(a.id)}, a.name + "（" + (names[a.presence] || a.presence) + "，" +
+            a.open_count + "/" + a.capacity + "，" + (where[a.answers_in] || a.answers_in) + "）"));
+        });
+        picker.replaceChildren.apply(picker, options);
+        picker.value = chosen;
+        picker.setAttribute("data-loaded", "1");
+      })
+      .catch(function () {});
+  }
   tick();
   setInterval(tick, 1000);
 })();

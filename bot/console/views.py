@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from bot.console import templates
-from bot.console.actions import HTTP_STATUS_FOR_CODE, ActionResult
+from bot.console.actions import HTTP_STATUS_FOR_CODE, PRESENCES, ActionResult, AgentInfo
 from bot.console.passwords import MAX_PASSWORD_CHARS, verify_password
 from bot.console.policy import ConsoleUser, scope_for
 from bot.console.state import (
@@ -37,6 +38,7 @@ MAX_USERNAME_CHARS = 64
 MAX_ID = 2**63 - 1
 MAX_JSON_BYTES = 64 * 1024
 ACTIONS = ("claim", "reply", "transfer", "resolve")
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class ConsoleError(Exception):
@@ -50,6 +52,7 @@ class ConsoleError(Exception):
 
 
 NOT_FOUND = ConsoleError(404, "not_found", "会话不存在或无权查看")
+NO_DIRECTORY = ConsoleError(503, "not_wired", "该功能暂未开放（处理服务尚未接入）")
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -134,6 +137,8 @@ class ConsoleViews:
             web.get("/api/inbox", self.inbox_json),
             web.get("/api/conversations/{conversation_id}", self.conversation_json),
             web.post("/api/conversations/{conversation_id}/{action}", self.act),
+            web.get("/api/agents", self.agents_json),
+            web.post("/api/presence", self.presence),
             web.get("/static/console.js", self.script),
             web.get("/static/console.css", self.style),
             web.get("/static/favicon.svg", self.favicon),
@@ -267,11 +272,58 @@ class ConsoleViews:
     async def inbox_page(self, request: web.Request) -> web.Response:
         user = request[USER]
         queue, mine = await self._inbox(user)
+        me = next((a for a in await self._agents(user) if a.id == user.id), None)
         return html(
             templates.inbox_page(
-                user, request[SESSION].csrf, self.state.clock.now(), queue, mine, self._mine_title(user)
+                user,
+                request[SESSION].csrf,
+                self.state.clock.now(),
+                queue,
+                mine,
+                self._mine_title(user),
+                presence=me.presence if me is not None else None,
             )
         )
+
+    async def _agents(self, user: ConsoleUser) -> list[AgentInfo]:
+        directory = self.state.directory
+        if directory is None or not user.sees_conversations:
+            return []
+        return await directory.agents(user)
+
+    async def agents_json(self, request: web.Request) -> web.Response:
+        """The transfer picker: the team's agents with presence and load."""
+        user = request[USER]
+        if self.state.directory is None:
+            raise NO_DIRECTORY
+        return web.json_response({"me": user.id, "agents": [agent_json(a) for a in await self._agents(user)]})
+
+    async def presence(self, request: web.Request) -> web.Response:
+        """The signed-in agent's presence (在线 / 离开 / 离线): validated, audited, published by the adapter."""
+        state = self.state
+        user = request[USER]
+        directory = state.directory
+        if directory is None:
+            raise NO_DIRECTORY
+        body = await read_body(request)
+        value = body.get("presence")
+        if not isinstance(value, str) or value not in PRESENCES:
+            raise ConsoleError(400, "bad_field", "接待状态只能是在线、离开或离线")
+        result = await directory.set_presence(user, value)
+        await state.audit.record(
+            user.username,
+            "console.presence",
+            f"staff:{user.username}",
+            {"ok": result.ok, "code": result.code, "presence": value},
+        )
+        status = 200 if result.ok else HTTP_STATUS_FOR_CODE.get(result.code, 400)
+        payload = {"ok": result.ok, "code": result.code, "message": result.reason, "presence": value}
+        if not result.ok:
+            payload["error"] = result.code
+        if request.content_type == "application/json" or "application/json" in request.headers.get("Accept", ""):
+            return web.json_response(payload, status=status)
+        message = "接待状态已更新" if result.ok else result.reason
+        return html(templates.message_page("接待状态", message, user=user, csrf=request[SESSION].csrf), status)
 
     async def _detail(self, request: web.Request) -> ConversationDetail:
         user = request[USER]
@@ -287,9 +339,20 @@ class ConsoleViews:
 
     async def conversation_page(self, request: web.Request) -> web.Response:
         detail = await self._detail(request)
+        user = request[USER]
+        others = (
+            None
+            if self.state.directory is None
+            else [agent_json(a) for a in await self._agents(user) if a.id != user.id]
+        )
         return html(
             templates.conversation_page(
-                request[USER], request[SESSION].csrf, self.state.clock.now(), detail_json(detail, self.state.timezone)
+                user,
+                request[SESSION].csrf,
+                self.state.clock.now(),
+                detail_json(detail, self.state.timezone),
+                agents=others,
+                reply_key=secrets.token_urlsafe(18),
             )
         )
 
@@ -338,10 +401,13 @@ class ConsoleViews:
         elif action == "reply":
             text = reply_text(body.get("text"))
             detail["chars"] = len(text)  # never the text itself
+            key = idempotency_key(body.get("idempotency_key"))
             if row.status is ConversationStatus.RESOLVED:
                 result = ActionResult.refused("会话已解决，不能再回复")
-            else:
+            elif key is None:
                 result = await state.actions.reply(conversation_id, user, text)
+            else:
+                result = await state.actions.reply(conversation_id, user, text, idempotency_key=key)
         elif action == "transfer":
             to_agent = parse_id(body.get("to_agent_id"), field="to_agent_id")
             detail["to_agent_id"] = to_agent
@@ -382,6 +448,28 @@ def parse_id(value: object, *, field: str = "id") -> int:
     if not 0 < number <= MAX_ID:
         raise ConsoleError(400, "bad_field", f"{field} 必须是正整数")
     return number
+
+
+def agent_json(agent: AgentInfo) -> dict[str, Any]:
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "team": agent.team,
+        "presence": agent.presence,
+        "presence_label": templates.label(templates.PRESENCE_LABELS, agent.presence),
+        "open_count": agent.open_count,
+        "capacity": agent.capacity,
+        "answers_in": agent.answers_in,
+    }
+
+
+def idempotency_key(value: object) -> str | None:
+    """The console form's key for one reply submission (absent: None; malformed: 400)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not IDEMPOTENCY_KEY.fullmatch(value):
+        raise ConsoleError(400, "bad_field", "idempotency_key 格式无效")
+    return value
 
 
 def reply_text(value: object) -> str:

@@ -18,13 +18,16 @@ from bot.storage.models import (
     Conversation,
     ConversationStatus,
     Customer,
+    Direction,
+    Message,
+    Outbox,
     ScriptAnswer,
     SlaClockRow,
     SlaEventRow,
     StaffRole,
     StaffUser,
 )
-from bot.storage.repositories import _insert, _Repository, _rowcount
+from bot.storage.repositories import OutboxRecord, _insert, _insert_outbound, _outbox_record, _Repository, _rowcount
 from handlers.domain import Channel
 from handlers.sla import ClockKind, ClockStatus, Deadline, SlaClock, SlaEvent, SlaEventKind
 
@@ -73,6 +76,7 @@ class HandoffConversation:
     version: int
     no_match_streak: int
     last_agent_id: int | None
+    last_inbound_at: datetime | None = None  # the customer's last message: opens WeCom's 48 h / 5-message window
 
 
 def _agent(row: StaffUser, open_count: int) -> AgentRecord:
@@ -111,6 +115,7 @@ def _conversation(row: Conversation, customer: Customer) -> HandoffConversation:
         version=row.version,
         no_match_streak=row.no_match_streak,
         last_agent_id=customer.last_agent_id,
+        last_inbound_at=row.last_inbound_at,
     )
 
 
@@ -371,6 +376,71 @@ class HandoffRepository(_Repository):
         async with self._sessions.begin() as session:
             await session.execute(
                 update(Conversation).where(Conversation.id == conversation_id).values(no_match_streak=streak)
+            )
+
+    # ---- console replies (kf/send_msg from the console, through the outbox)
+
+    async def last_customer_message_id(self, conversation_id: int) -> int | None:
+        """The newest message the customer wrote in the conversation (console replies hang their outbox row on it)."""
+        stmt = (
+            select(Message.id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.direction == Direction.IN.value,
+                or_(Message.origin.is_(None), Message.origin == 3),
+                Message.msgtype != "event",
+            )
+            .order_by(Message.id.desc())
+            .limit(1)
+        )
+        async with self._sessions() as session:
+            return (await session.execute(stmt)).scalar_one_or_none()
+
+    async def sent_after(self, conversation: HandoffConversation, message_id: int) -> int:
+        """How many messages were stored as sent to this customer on this account after message `message_id` (the
+        customer's last one): what WeCom's 5-per-customer-message quota counts, in insertion (id) order."""
+        stmt = (
+            select(func.count())
+            .select_from(Message)
+            .where(
+                Message.channel == conversation.channel.value,
+                Message.account_id == conversation.account_id,
+                Message.customer_id == conversation.customer_id,
+                Message.direction == Direction.OUT.value,
+                Message.id > message_id,
+            )
+        )
+        async with self._sessions() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+    async def outbox_by_key(self, idempotency_key: str) -> OutboxRecord | None:
+        """The outbox row reserved under this key, if any (a console reply retried with the same key)."""
+        async with self._sessions() as session:
+            row = (await session.scalars(select(Outbox).where(Outbox.idempotency_key == idempotency_key))).one_or_none()
+            return None if row is None else _outbox_record(row)
+
+    async def next_console_seq(self, inbound_message_id: int, floor: int) -> int:
+        """The next free outbox seq (≥ floor) under an inbound message: console replies number after the bot's."""
+        stmt = select(func.max(Outbox.seq)).where(Outbox.inbound_message_id == inbound_message_id, Outbox.seq >= floor)
+        async with self._sessions() as session:
+            top = (await session.execute(stmt)).scalar_one_or_none()
+        return floor if top is None else int(top) + 1
+
+    async def record_agent_message(
+        self, conversation: HandoffConversation, key: str, text: str, agent_id: int, sent_at: datetime
+    ) -> int:
+        """Store a console reply as an outbound message authored by the agent (idempotent on the key)."""
+        async with self._sessions.begin() as session:
+            return await _insert_outbound(
+                session,
+                channel=conversation.channel.value,
+                key=key,
+                account_id=conversation.account_id,
+                msgtype="text",
+                content={"content": text, "author": "agent", "agent_id": agent_id},
+                customer_id=conversation.customer_id,
+                conversation_id=conversation.id,
+                sent_at=sent_at,
             )
 
 
