@@ -30,6 +30,7 @@ from bot.console.state import (
 )
 from bot.storage.console_repository import ConversationDetail, InboxRow
 from bot.storage.models import ConversationStatus, StaffRole
+from bot.web_assets import asset_routes
 
 log = structlog.get_logger(__name__)
 
@@ -139,27 +140,8 @@ class ConsoleViews:
             web.post("/api/conversations/{conversation_id}/{action}", self.act),
             web.get("/api/agents", self.agents_json),
             web.post("/api/presence", self.presence),
-            web.get("/static/console.js", self.script),
-            web.get("/static/console.css", self.style),
-            web.get("/static/favicon.svg", self.favicon),
+            *asset_routes("console", js=templates.JS, css=templates.CSS, favicon=templates.FAVICON),
         ]
-
-    # ---- static
-
-    async def script(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=templates.JS, content_type="text/javascript", charset="utf-8", headers={"Cache-Control": "no-cache"}
-        )
-
-    async def style(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=templates.CSS, content_type="text/css", charset="utf-8", headers={"Cache-Control": "no-cache"}
-        )
-
-    async def favicon(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=templates.FAVICON, content_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
-        )
 
     # ---- login
 

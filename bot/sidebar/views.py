@@ -26,6 +26,7 @@ from bot.sidebar.state import (
     STAFF,
     SidebarState,
 )
+from bot.web_assets import asset_routes
 from bot.wecom.errors import WeComApiError, WeComError
 from bot.wecom.tickets import jsapi_signature
 from handlers.domain import Channel
@@ -114,27 +115,8 @@ class SidebarViews:
             web.get("/api/jssdk-config", self.jssdk_config),
             web.get("/api/context", self.context),
             web.post("/api/inserted", self.inserted),
-            web.get("/static/sidebar.js", self.script),
-            web.get("/static/sidebar.css", self.style),
-            web.get("/static/favicon.svg", self.favicon),
+            *asset_routes("sidebar", js=templates.JS, css=templates.CSS, favicon=console_templates.FAVICON),
         ]
-
-    # ---- static
-
-    async def script(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=templates.JS, content_type="text/javascript", charset="utf-8", headers={"Cache-Control": "no-cache"}
-        )
-
-    async def style(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=templates.CSS, content_type="text/css", charset="utf-8", headers={"Cache-Control": "no-cache"}
-        )
-
-    async def favicon(self, request: web.Request) -> web.Response:
-        return web.Response(
-            text=console_templates.FAVICON, content_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"}
-        )
 
     # ---- login
 
