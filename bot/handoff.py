@@ -556,6 +556,8 @@ class HandoffService:
         records = await self.repo.agents()
         with_userid = [self._agent(a) for a in records if answers_in_wecom(a)]
         every = [self._agent(a) for a in records]
+        if not any(a.presence is Presence.ONLINE and a.open_count < a.capacity for a in every):
+            return []  # nobody can take anything: skip reading every queued customer's tags (runs every second)
         now = self._clock.now()
         by_id = {c.id: c for c in queued}
         kf_waiting = [c for c in queued if self._servicers_only(c)]  # in WeCom's pool: servicers only
