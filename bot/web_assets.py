@@ -1,6 +1,8 @@
-"""The static assets of a server-rendered sub-app (console, sidebar): one script, one stylesheet, one icon."""
+"""What the server-rendered sub-apps (console, sidebar) share: their static assets and security headers."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -26,3 +28,22 @@ def asset_routes(name: str, *, js: str, css: str, favicon: str) -> list[web.Rout
         web.get(f"/static/{name}.css", style),
         web.get("/static/favicon.svg", icon),
     ]
+
+
+def page_csp(script_sources: Sequence[str] = ()) -> str:
+    """The Content-Security-Policy of our pages: nothing inline, everything from this origin (plus named scripts)."""
+    scripts = " ".join(["'self'", *script_sources])
+    return (
+        f"default-src 'none'; script-src {scripts}; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+def set_page_headers(response: web.StreamResponse, csp: str, *, deny_framing: bool) -> None:
+    """Security headers for a page or API answer, unless the handler set its own."""
+    response.headers.setdefault("Content-Security-Policy", csp)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if deny_framing:
+        response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Cache-Control", "no-store")

@@ -33,6 +33,7 @@ from bot.console.views import ConsoleError, ConsoleViews, constant_equal, login_
 from bot.storage.console_repository import ConsoleRepository
 from bot.storage.db import create_session_factory
 from bot.storage.staff_repository import AuditRepository
+from bot.web_assets import page_csp, set_page_headers
 from handlers.domain import Clock
 
 if TYPE_CHECKING:
@@ -45,21 +46,14 @@ PUBLIC_PATHS = frozenset(
     {"/console/login", "/console/static/console.js", "/console/static/console.css", "/console/static/favicon.svg"}
 )
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
+CSP = page_csp()
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _headers(response: web.StreamResponse) -> None:
-    response.headers.setdefault("Content-Security-Policy", CSP)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Cache-Control", "no-store")
+    set_page_headers(response, CSP, deny_framing=True)
 
 
 def _error_response(request: web.Request, error: ConsoleError) -> web.Response:

@@ -40,6 +40,7 @@ from bot.sidebar.views import SidebarError, SidebarViews, start_oauth, wants_jso
 from bot.storage.console_repository import ConsoleRepository
 from bot.storage.db import create_session_factory
 from bot.storage.staff_repository import AuditRepository
+from bot.web_assets import page_csp, set_page_headers
 from bot.wecom.tickets import JsApiTickets
 from handlers.domain import Clock
 
@@ -75,21 +76,14 @@ def script_origins(urls: Sequence[str]) -> list[str]:
 
 
 def content_security_policy(jssdk_urls: Sequence[str]) -> str:
-    scripts = " ".join(["'self'", *script_origins(jssdk_urls)])
-    return (
-        f"default-src 'none'; script-src {scripts}; style-src 'self'; img-src 'self'; connect-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    )
+    return page_csp(script_origins(jssdk_urls))
 
 
 def sidebar_middlewares(state: SidebarState) -> list[Any]:
     csp = content_security_policy(state.jssdk_urls)
 
     def headers(response: web.StreamResponse) -> None:
-        response.headers.setdefault("Content-Security-Policy", csp)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Cache-Control", "no-store")
+        set_page_headers(response, csp, deny_framing=False)  # WeCom shows the sidebar inside its client
 
     @web.middleware
     async def errors_and_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
