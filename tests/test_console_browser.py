@@ -12,9 +12,8 @@ import asyncio
 import contextlib
 import re
 import socket
-import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ from bot.storage.models import StaffRole
 from tests.conftest import Backend, make_settings
 from tests.test_console import PASSWORD, SUPPORT, add_staff, seed_conversation, set_assignee
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
+from tests.thread_server import in_thread, listening
 
 pytestmark = pytest.mark.slow
 
@@ -85,42 +85,17 @@ def console_server(tmp_path: Path) -> Iterator[ThreadServer]:
     backend = Backend("embedded", f"sqlite+aiosqlite:///{tmp_path}/bot.sqlite3", "", "browser")
     settings = make_settings(backend, auto_migrate=True, scripts_reload_interval_s=0)
     port = _free_port()
-    loop = asyncio.new_event_loop()
-    ready: list[ThreadServer] = []
-    started, stop, failed = threading.Event(), asyncio.Event(), []
 
-    async def serve() -> None:
+    async def serve(ready: Callable[[ThreadServer], None], stop: asyncio.Event) -> None:
         async with open_services(settings) as services:
             app = web.Application()
             app.add_subapp("/console", create_console_app(services, actions=ClaimingActions(services)))
-            runner = web.AppRunner(app, shutdown_timeout=1)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            ready.append(ThreadServer(loop, services, f"http://127.0.0.1:{port}"))
-            started.set()
-            try:
+            async with listening(app, port):
+                ready(ThreadServer(asyncio.get_running_loop(), services, f"http://127.0.0.1:{port}"))
                 await stop.wait()
-            finally:
-                await runner.cleanup()
 
-    def main() -> None:
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            failed.append(exc)
-            started.set()
-
-    thread = threading.Thread(target=main, name="console-server", daemon=True)
-    thread.start()
-    assert started.wait(30), "the console server did not start"
-    if failed:
-        raise failed[0]
-    try:
-        yield ready[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        loop.close()
+    with in_thread(serve, name="console-server") as server:
+        yield server
 
 
 def remaining_seconds(text: str) -> int:
@@ -129,7 +104,7 @@ def remaining_seconds(text: str) -> int:
     return int(match.group(1)) * 60 + int(match.group(2))
 
 
-def test_agent_sees_a_ticking_sla_and_a_claim_appears_live_elsewhere(chromium: str, tmp_path: Path) -> None:  # noqa: F811
+def test_agent_sees_a_ticking_sla_and_a_claim_appears_live_elsewhere(chromium: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=STEP_TIMEOUT_MS)

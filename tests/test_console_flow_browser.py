@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from tests.test_console import PASSWORD, PASSWORD_HASH, Browser
 from tests.test_console_browser import _free_port, remaining_seconds
 from tests.test_handoff import Desk, open_desk
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
+from tests.thread_server import in_thread, listening
 
 T = TypeVar("T")
 STEP_TIMEOUT_MS = 15_000
@@ -148,44 +148,18 @@ class FlowServer:
 def flow_server(tmp_path: Path) -> Iterator[FlowServer]:
     backend = Backend("embedded", f"sqlite+aiosqlite:///{tmp_path}/bot.sqlite3", "", "flow")
     port = _free_port()
-    loop = asyncio.new_event_loop()
-    ready: list[FlowServer] = []
-    started, stop, failed = threading.Event(), asyncio.Event(), []
 
-    async def serve() -> None:
-        async with open_desk(backend) as desk:
-            runner = web.AppRunner(console_app(desk), shutdown_timeout=1)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            ready.append(FlowServer(loop, desk, f"http://127.0.0.1:{port}"))
-            started.set()
-            try:
-                await stop.wait()
-            finally:
-                await runner.cleanup()
+    async def serve(ready: Callable[[FlowServer], None], stop: asyncio.Event) -> None:
+        async with open_desk(backend) as desk, listening(console_app(desk), port):
+            ready(FlowServer(asyncio.get_running_loop(), desk, f"http://127.0.0.1:{port}"))
+            await stop.wait()
 
-    def main() -> None:
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            failed.append(exc)
-            started.set()
-
-    thread = threading.Thread(target=main, name="console-flow-server", daemon=True)
-    thread.start()
-    assert started.wait(60), "the server did not start"
-    if failed:
-        raise failed[0]
-    try:
-        yield ready[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        loop.close()
+    with in_thread(serve, name="console-flow-server", start_timeout=60) as server:
+        yield server
 
 
 @pytest.mark.slow
-def test_queue_go_online_reply_and_resolve_from_the_console(chromium: str, tmp_path: Path) -> None:  # noqa: F811
+def test_queue_go_online_reply_and_resolve_from_the_console(chromium: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=STEP_TIMEOUT_MS)

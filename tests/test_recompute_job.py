@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.app import TagRecomputeAdapter, recompute_schedule
 from bot.orders_import import import_orders
 from bot.settings import SettingsError
-from bot.storage.db import create_engine, create_session_factory, upgrade_async
 from bot.storage.models import Customer
 from bot.storage.tags_repository import TagRepository
 from handlers.domain import Channel
@@ -23,41 +21,11 @@ from scheduler.jobs import recompute_tags_job
 from scheduler.runner import RECOMPUTE_TAGS_JOB_ID, RecomputeSchedule, build_scheduler
 from tests.conftest import Backend, make_settings
 
-NOW = datetime(2025, 6, 1, 4, 0, tzinfo=UTC)  # 12:00 in Shanghai
+# The order-import tests' storage fixtures (same backend, clock and repository), shared rather than copied.
+from tests.test_orders_import import HEADER, NOW, FakeClock, clock, engine, repo, sessions  # noqa: F401
+
 SHANGHAI = ZoneInfo("Asia/Shanghai")
-HEADER = "external_userid,order_id,amount,paid_at\n"
 VIP = {"高价值", "rfm:high", "lifecycle:mature", "activity:active"}
-
-
-class FakeClock:
-    def __init__(self, at: datetime = NOW) -> None:
-        self.at = at
-
-    def now(self) -> float:
-        return self.at.timestamp()
-
-
-@pytest.fixture
-async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(make_settings(backend))
-    await upgrade_async(eng)
-    yield eng
-    await eng.dispose()
-
-
-@pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return create_session_factory(engine)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def repo(sessions: async_sessionmaker[AsyncSession], clock: FakeClock) -> TagRepository:
-    return TagRepository(sessions, clock)
 
 
 async def contact_id(sessions: async_sessionmaker[AsyncSession], external_id: str) -> int:

@@ -14,8 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ from scripts_library import choose_variant, render
 from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN, Backend, make_settings
 from tests.test_console_browser import _free_port
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
+from tests.thread_server import in_thread, listening
 
 pytestmark = pytest.mark.slow
 
@@ -120,59 +120,28 @@ def sidebar_server(tmp_path: Path) -> Iterator[ThreadServer]:
         secrets={TEST_SECRET: "app"},
         members=("zhangsan", "lisi"),
     )
-    loop = asyncio.new_event_loop()
-    ready: list[ThreadServer] = []
-    started, stop, failed = threading.Event(), asyncio.Event(), []
 
-    async def serve() -> None:
+    async def serve(ready: Callable[[ThreadServer], None], stop: asyncio.Event) -> None:
         sim_app = create_simulator(sim_config)
-        sim_runner = web.AppRunner(sim_app, shutdown_timeout=1)
-        await sim_runner.setup()
-        await web.TCPSite(sim_runner, "127.0.0.1", sim_port).start()
-        try:
-            async with open_services(settings) as services:
-                base = f"http://127.0.0.1:{port}"
-                app = web.Application()
-                sim = sim_app[SIM_STATE]
-                seen: list[tuple[str, str, str]] = []
-                app.router.add_get("/stub/jwxwork.js", _stub_sdk)  # served by the test, not by the sidebar
-                app.router.add_get("/stub/oauth2/authorize", _stub_oauth(sim, seen))
-                sidebar = create_sidebar_app(
-                    services,
-                    jssdk_urls=(base + "/stub/jwxwork.js",),
-                    oauth_authorize_url=base + "/stub/oauth2/authorize",
-                )
-                app.add_subapp("/sidebar", sidebar)
-                runner = web.AppRunner(app, shutdown_timeout=1)
-                await runner.setup()
-                await web.TCPSite(runner, "127.0.0.1", port).start()
-                ready.append(ThreadServer(loop, services, sim, base, seen))
-                started.set()
-                try:
-                    await stop.wait()
-                finally:
-                    await runner.cleanup()
-        finally:
-            await sim_runner.cleanup()
+        async with listening(sim_app, sim_port), open_services(settings) as services:
+            base = f"http://127.0.0.1:{port}"
+            app = web.Application()
+            sim = sim_app[SIM_STATE]
+            seen: list[tuple[str, str, str]] = []
+            app.router.add_get("/stub/jwxwork.js", _stub_sdk)  # served by the test, not by the sidebar
+            app.router.add_get("/stub/oauth2/authorize", _stub_oauth(sim, seen))
+            sidebar = create_sidebar_app(
+                services,
+                jssdk_urls=(base + "/stub/jwxwork.js",),
+                oauth_authorize_url=base + "/stub/oauth2/authorize",
+            )
+            app.add_subapp("/sidebar", sidebar)
+            async with listening(app, port):
+                ready(ThreadServer(asyncio.get_running_loop(), services, sim, base, seen))
+                await stop.wait()
 
-    def main() -> None:
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            failed.append(exc)
-            started.set()
-
-    thread = threading.Thread(target=main, name="sidebar-server", daemon=True)
-    thread.start()
-    assert started.wait(30), "the sidebar server did not start"
-    if failed:
-        raise failed[0]
-    try:
-        yield ready[0]
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        loop.close()
+    with in_thread(serve, name="sidebar-server") as server:
+        yield server
 
 
 async def _seed(services: Services) -> None:
@@ -188,7 +157,7 @@ async def _seed(services: Services) -> None:
         session.add(CustomerTag(customer_id=row.id, tag="老客户", source="wecom", set_at=at))
 
 
-def test_sidebar_lists_scripts_and_inserts_one_through_the_js_sdk(chromium: str, tmp_path: Path) -> None:  # noqa: F811
+def test_sidebar_lists_scripts_and_inserts_one_through_the_js_sdk(chromium: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=STEP_TIMEOUT_MS)
