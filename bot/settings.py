@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     wecom_api_base: str = DEFAULT_API_BASE
 
     database_url: str = DEFAULT_DATABASE_URL
+    # PostgreSQL connections kept open per process (half as many again may open at peaks). Sized for the
+    # workers' partitions, the SLA sweep's concurrent actions and the web console at once: a smaller pool makes
+    # every peak open and close connections, each a new login and a cold prepared-statement cache.
+    database_pool_size: int = Field(default=20, ge=1, le=500)
     redis_url: str = ""
     redis_key_prefix: str = "wecom"
     redis_max_connections: int = Field(default=64, ge=2, le=10_000)

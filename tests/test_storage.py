@@ -179,6 +179,35 @@ async def test_ping_fails_when_database_unreachable() -> None:
         await eng.dispose()
 
 
+async def test_pool_recovers_after_the_server_drops_every_connection(
+    backend: Backend, engine: AsyncEngine, repos: Repositories
+) -> None:
+    """Without pool_pre_ping a dropped connection fails one statement; the pool is then renewed, not reused."""
+    if backend.name != "real":
+        pytest.skip("PostgreSQL only: SQLite has no server to drop connections")
+    held = [await engine.connect() for _ in range(3)]  # fill the pool with several idle connections
+    for conn in held:
+        await conn.execute(text("SELECT 1"))
+        await conn.close()
+    database = engine.url.database
+    admin = engine_for_url(REAL_POSTGRES_ADMIN_URL, null_pool=True)
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
+            )
+    finally:
+        await admin.dispose()
+    failures = 0
+    for _ in range(4):
+        try:
+            await repos.messages.record_inbound(kf_message(uid()))
+        except Exception:
+            failures += 1
+    assert failures <= 1  # the first checkout may meet a dead connection; the invalidated pool does not again
+    assert (await repos.messages.record_inbound(kf_message(uid()))).id > 0
+
+
 async def test_sqlite_pragmas(tmp_path: Path) -> None:
     eng = engine_for_url(f"sqlite:///{tmp_path}/new/dir/x.sqlite3")
     try:
