@@ -247,19 +247,24 @@ class Bench:
         setattr(self.services.kf_client, "kf_service_state_trans", trans)  # noqa: B010
 
     def sweeper(self) -> SlaSweeper:
+        """The service's sweeper, its passes timed (detection) and its breach reassignments counted (actions)."""
         sweeper = SlaSweeper(self.handoff, self.clock)
-        once = sweeper.sweep_once
+        detect, act = sweeper.detect, sweeper.act
 
-        async def sweep_once() -> SweepReport:
+        async def timed_detect() -> SweepReport:
             started = time.time()
             t0 = time.perf_counter()
-            report = await once()
+            report = await detect()
             self.sweeps.append((started, time.perf_counter() - t0, report.due, len(report.events)))
-            for conversation_id in report.reassigned:
-                self.reassigned[conversation_id] += 1
             return report
 
-        setattr(sweeper, "sweep_once", sweep_once)  # noqa: B010
+        async def counted_act(report: SweepReport) -> None:
+            await act(report)
+            for conversation_id in report.reassigned:
+                self.reassigned[conversation_id] += 1
+
+        setattr(sweeper, "detect", timed_detect)  # noqa: B010
+        setattr(sweeper, "act", counted_act)  # noqa: B010
         return sweeper
 
     # ---- load
@@ -714,8 +719,8 @@ async def measure(
         ("baseline: customer message → bot's reply (kf/send_msg)", baseline),
         ("customer 转人工 → agent's card (message/send)", from_push),
         ("HandoffService.handoff called → agent's card", from_handoff),
-        ("sweep pass, idle (0 clocks, empty queue)", idle_sweeps),
-        ("sweep pass, under load", sweep_ms),
+        ("sweep detection pass, idle (0 clocks, empty queue)", idle_sweeps),
+        ("sweep detection pass, under load", sweep_ms),
     ):
         st = summary(values)
         print(f"| {label} | {st['n']} | {st['p50']:.1f} | {st['p99']:.1f} | {st['max']:.1f} | {st['mean']:.1f} |")

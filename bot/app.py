@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.admin_api import create_api_app
 from bot.console import create_console_app
+from bot.console.events import ConsoleEventPublisher
 from bot.console.handoff_actions import HandoffConsoleActions
 from bot.csat import CsatService
 from bot.handoff import HandoffService
@@ -378,6 +379,7 @@ async def open_services(
             clock,
             console_base_url=settings.bot_public_url or f"http://localhost:{settings.bot_port}",
             drain_lock=RedisLock(redis, keys.handoff_drain_lock()),
+            events=ConsoleEventPublisher(redis, keys.prefix),
         )
         csat = CsatService(CsatRepository(sessions, clock), repos, sender, clock, default_team=support.default_team)
         # 客户联系 APIs take the app secret's token.

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -48,6 +48,7 @@ from typing import Any, Protocol
 import structlog
 
 from bot.pipeline import ReplySender
+from bot.sla_alerts import Alert
 from bot.sla_store import SlaStore
 from bot.storage.handoff_repository import (
     HUMAN_STATUSES,
@@ -101,9 +102,7 @@ CONSOLE_SEQ_FLOOR = 1000  # console replies' outbox seq, after the bot's own rep
 STALE_PENDING_S = 30.0  # a reserved console reply nobody finished sending: a retry may send it again
 
 # Why a console reply is refused (shown to the agent).
-KF_REPLY_IN_WECOM = (
-    "微信客服会话由人工接待时，只能在企业微信客户端回复（接口发送会被拒绝）。请在企业微信中回复该客户。"
-)
+KF_REPLY_IN_WECOM = "微信客服会话由人工接待时，只能在企业微信客户端回复（接口发送会被拒绝）。请在企业微信中回复该客户。"
 REPLY_RESOLVED = "会话已解决，不能再回复"
 REPLY_QUEUED = "会话还在排队中，请先认领再回复"
 REPLY_WITH_BOT = "会话由机器人接待中，不能从工作台回复"
@@ -119,6 +118,8 @@ TO_CONSOLE_AGENT_REFUSED = (
 TEXTCARD_TITLE_BYTES = 128
 TEXTCARD_DESCRIPTION_BYTES = 512
 LAST_MESSAGES = 3
+DIGEST_LINES = 8  # conversations listed on a digest card (512 bytes of description hold about that many)
+DIGEST_KINDS = {"warned": "即将超时", "breached": "已超时", "escalated": "超时升级"}
 
 
 class KfStateApi(Protocol):
@@ -129,6 +130,12 @@ class KfStateApi(Protocol):
     async def kf_service_state_trans(
         self, open_kfid: str, external_userid: str, service_state: int, servicer_userid: str | None = None
     ) -> str | None: ...
+
+
+class ConversationEvents(Protocol):
+    """Tells open consoles that a conversation changed (bot.console.events.ConsoleEventPublisher)."""
+
+    async def changed(self, conversation_id: int, kind: str, team: str | None, **detail: object) -> None: ...
 
 
 class DrainLock(Protocol):
@@ -240,6 +247,7 @@ class HandoffService:
         *,
         console_base_url: str = "http://localhost:8080",
         drain_lock: DrainLock | None = None,
+        events: ConversationEvents | None = None,
     ) -> None:
         self.repos = repos
         self.repo = handoff_repo
@@ -250,6 +258,12 @@ class HandoffService:
         self._clock = clock
         self._console = console_base_url.rstrip("/")
         self._drain_lock = drain_lock
+        self._events = events  # changes made here, not through the console's own actions (which publish theirs)
+
+    async def _changed(self, conversation: HandoffConversation, kind: str, **detail: object) -> None:
+        if self._events is not None:
+            team = conversation.team or self.config.default_team
+            await self._events.changed(conversation.id, kind, team, **detail)
 
     # ------------------------------------------------------------------ what the pipeline asks
 
@@ -292,6 +306,7 @@ class HandoffService:
             await self.repo.set_kf_state(conversation.id, KF_ENDED)
             if conversation.status.value in WITH_HUMANS:
                 await self.resolve(conversation.id)
+        await self._changed(conversation, "wecom_session_changed", change_type=change)
 
     # ------------------------------------------------------------------ routing inputs
 
@@ -312,8 +327,11 @@ class HandoffService:
             hours=self.config.team(team).calendar,
         )
 
-    async def _needs(self, conversation: HandoffConversation, exclude: Iterable[int] = ()) -> ConversationNeeds:
-        tags = await self.repos.tags.customer_tags(conversation.customer_id)
+    async def _needs(
+        self, conversation: HandoffConversation, exclude: Iterable[int] = (), tags: frozenset[str] | None = None
+    ) -> ConversationNeeds:
+        if tags is None:
+            tags = await self.repos.tags.customer_tags(conversation.customer_id)
         skills = frozenset(skill for tag, skill in self.config.skills_by_tag if tag in tags)
         return ConversationNeeds(
             skills=skills,
@@ -321,8 +339,11 @@ class HandoffService:
             exclude=frozenset(str(i) for i in exclude),
         )
 
-    async def _routable(self, conversation: HandoffConversation) -> list[AgentRecord]:
-        agents = await self.repo.agents()
+    async def _routable(
+        self, conversation: HandoffConversation, agents: list[AgentRecord] | None = None
+    ) -> list[AgentRecord]:
+        if agents is None:
+            agents = await self.repo.agents()
         if self._servicers_only(conversation):
             agents = [a for a in agents if answers_in_wecom(a)]  # WeCom holds the session: 2 → 3 / 3 → 3 only
         return agents
@@ -340,9 +361,18 @@ class HandoffService:
 
     async def decide(self, conversation: HandoffConversation, exclude: Iterable[int] = ()) -> RoutingDecision:
         """Where this conversation would go now (no change made)."""
-        agents = [self._agent(a) for a in await self._routable(conversation)]
+        decision, _ = await self._decide(conversation, exclude)
+        return decision
+
+    async def _decide(
+        self, conversation: HandoffConversation, exclude: Iterable[int] = (), tags: frozenset[str] | None = None
+    ) -> tuple[RoutingDecision, dict[int, AgentRecord]]:
+        """The decision and the agent records it was made from (so the chosen agent is not read again)."""
+        records = await self._routable(conversation)
         preferred = str(conversation.last_agent_id) if conversation.last_agent_id is not None else None
-        return choose_agent(agents, await self._needs(conversation, exclude), preferred, now=self._clock.now())
+        needs = await self._needs(conversation, exclude, tags)
+        decision = choose_agent([self._agent(a) for a in records], needs, preferred, now=self._clock.now())
+        return decision, {a.id: a for a in records}
 
     # ------------------------------------------------------------------ the handoff
 
@@ -354,19 +384,24 @@ class HandoffService:
         defer_out_of_hours: bool = False,
     ) -> HandoffOutcome:
         """Hand a bot conversation to a person: assign, queue, or answer honestly when the team is closed."""
-        conversation = await self.repo.conversation(conversation_id)
-        if conversation is None or conversation.status is not ConversationStatus.BOT:
-            return HandoffOutcome(HandoffStatus.NOT_WITH_BOT, conversation_id)
-        team = trigger.team or conversation.team or self.config.default_team
         if defer_out_of_hours:
-            probe = await self.decide(conversation)
+            conversation = await self.repo.conversation(conversation_id)
+            if conversation is None or conversation.status is not ConversationStatus.BOT:
+                return HandoffOutcome(HandoffStatus.NOT_WITH_BOT, conversation_id)
+            probe, _ = await self._decide(conversation)
             if isinstance(probe, OutOfHours):
                 return HandoffOutcome(HandoffStatus.DEFERRED, conversation_id, next_open=probe.next_open)
-        started = await self.repo.start_handoff(
-            conversation_id, reason=trigger.reason.value, team=team, priority=trigger.priority.value
+        begun = await self.repo.start_handoff(
+            conversation_id,
+            reason=trigger.reason.value,
+            team=trigger.team,
+            default_team=self.config.default_team,
+            priority=trigger.priority.value,
         )
-        if started is None:
+        if begun is None:
             return HandoffOutcome(HandoffStatus.NOT_WITH_BOT, conversation_id)
+        started, tags = begun  # the tags, read once, serve the SLA policy, routing and the agent's card
+        team = started.team or self.config.default_team
         log.info(
             "handoff started",
             conversation_id=conversation_id,
@@ -376,25 +411,29 @@ class HandoffService:
             team=team,
         )
         now = self._clock.now()
-        tags = await self.repos.tags.customer_tags(started.customer_id)
         await self.sla.open(
             conversation_id, channel=started.channel, tags=tags, priority=trigger.priority, team=team, at=now
         )
+        outcome = await self._hand_over(started, tags)
+        await self._changed(started, "handed_off", status=outcome.status.value, assignee_id=outcome.agent_id)
+        return outcome
+
+    async def _hand_over(self, started: HandoffConversation, tags: frozenset[str]) -> HandoffOutcome:
         if started.channel is Channel.KF:
             started = await self._read_kf_state(started)
             if started.kf_service_state == KF_HUMAN:
                 adopted = await self._adopt_servicer(started)
                 if adopted is not None:
                     return adopted
-        return await self._route_one(started)
+        return await self._route_one(started, tags)
 
-    async def _route_one(self, conversation: HandoffConversation) -> HandoffOutcome:
+    async def _route_one(self, conversation: HandoffConversation, tags: frozenset[str]) -> HandoffOutcome:
         excluded: set[int] = set()
         while True:
-            decision = await self.decide(conversation, excluded)
+            decision, records = await self._decide(conversation, excluded, tags)
             if isinstance(decision, Assignment):
                 agent_id = int(decision.agent_id)
-                outcome = await self._assign(conversation, agent_id)
+                outcome = await self._assign(conversation, records[agent_id], tags=tags)
                 if outcome is True:
                     return HandoffOutcome(HandoffStatus.ASSIGNED, conversation.id, agent_id)
                 fresh = await self.repo.conversation(conversation.id)
@@ -416,8 +455,7 @@ class HandoffService:
             log.warning("kf service state unknown", conversation_id=conversation.id, errcode=exc.errcode)
             return conversation
         await self.repo.set_kf_state(conversation.id, int(state.service_state))
-        fresh = await self.repo.conversation(conversation.id)
-        return fresh or conversation
+        return replace(conversation, kf_service_state=int(state.service_state))  # the version does not change
 
     async def _adopt_servicer(self, conversation: HandoffConversation) -> HandoffOutcome | None:
         """The session is already with a servicer in WeCom: record that agent instead of routing."""
@@ -432,15 +470,16 @@ class HandoffService:
             return HandoffOutcome(HandoffStatus.ASSIGNED, conversation.id, agent.id)
         return None
 
-    async def _assign(self, conversation: HandoffConversation, agent_id: int) -> bool:
-        """Claim for the agent, then move the kf session to them; False (claim undone) when WeCom refuses."""
-        agent = await self.repo.agent(agent_id)
-        if agent is None:
-            return False
+    async def _assign(
+        self, conversation: HandoffConversation, agent: AgentRecord, *, tags: frozenset[str] | None = None
+    ) -> bool:
+        """Claim for the agent (within their capacity), then move the kf session to them; False (claim undone)
+        when the agent has no room left any more or WeCom refuses."""
+        agent_id = agent.id
         console_mode = not answers_in_wecom(agent)
         if console_mode and self._servicers_only(conversation):
             return False  # WeCom holds the session: a console agent cannot take it
-        if not await self.repo.claim(conversation.id, agent_id, version=conversation.version):
+        if not await self.repo.claim(conversation.id, agent_id, version=conversation.version, within_capacity=True):
             return False
         if conversation.channel is Channel.KF and console_mode:
             # The session stays in 0/1 (API-managed): the notice goes out with kf/send_msg.
@@ -462,7 +501,7 @@ class HandoffService:
                 text = fill(self.config.texts.assigned, agent_name=agent.display_name)
                 await self._notice(conversation, text, msg_code, "assigned", agent_id)
         log.info("conversation assigned", conversation_id=conversation.id, agent_id=agent_id)
-        await self.notify_agent(agent, conversation.id, "assigned")
+        await self.notify_agent(agent, conversation.id, "assigned", conversation=conversation, tags=tags)
         return True
 
     async def _trans(self, conversation: HandoffConversation, target: int, servicer: str | None = None) -> str | None:
@@ -575,11 +614,13 @@ class HandoffService:
             got, _ = assign_in_order(items, agents, now=now)
             decisions.update(got)
         assigned: list[tuple[int, int]] = []
+        records_by_id = {a.id: a for a in records}
         for conversation_id, decision in decisions.items():
             if isinstance(decision, Assignment):
                 conversation = by_id[int(conversation_id)]
-                if await self._assign(conversation, int(decision.agent_id)):
+                if await self._assign(conversation, records_by_id[int(decision.agent_id)]):
                     assigned.append((conversation.id, int(decision.agent_id)))
+                    await self._changed(conversation, "assigned", assignee_id=int(decision.agent_id), status="open")
         return assigned
 
     # ------------------------------------------------------------------ agent actions
@@ -596,12 +637,14 @@ class HandoffService:
         if isinstance(verdict, TransferRefused):
             return ClaimResult(False, verdict.code.value, verdict.message_zh)
         if not answers_in_wecom(record) and self._servicers_only(conversation):
-            return ClaimResult(
-                False, "wecom_only", "该会话已进入企业微信排队池，只能由企业微信客服在企业微信中接入"
-            )
-        if not await self._assign(conversation, agent_id):
+            return ClaimResult(False, "wecom_only", "该会话已进入企业微信排队池，只能由企业微信客服在企业微信中接入")
+        if not await self._assign(conversation, record):
             fresh = await self.repo.conversation(conversation_id)
             if fresh is not None and fresh.status is ConversationStatus.QUEUED:
+                now_record = await self.repo.agent(agent_id)
+                full = check_transfer(self._agent(now_record)) if now_record is not None else None
+                if isinstance(full, TransferRefused):  # another claim took the agent's last free slot first
+                    return ClaimResult(False, full.code.value, full.message_zh)
                 return ClaimResult(
                     False, "servicer_refused", "企业微信拒绝将会话转给您（未在接待状态），请检查接待状态"
                 )
@@ -627,14 +670,18 @@ class HandoffService:
         return await self._move(conversation, target)
 
     async def _move(
-        self, conversation: HandoffConversation, target: AgentRecord
+        self, conversation: HandoffConversation, target: AgentRecord, kind: str = "transferred"
     ) -> TransferAllowed | TransferRefused | Conflict | Refused:
         previous = conversation.assignee_id
         if not answers_in_wecom(target) and self._servicers_only(conversation):
             log.info("transfer refused", conversation_id=conversation.id, reason="wecom_only")
             return Refused("wecom_only", TO_CONSOLE_AGENT_REFUSED)
         if not await self.repo.claim(
-            conversation.id, target.id, version=conversation.version, from_statuses=HUMAN_STATUSES
+            conversation.id,
+            target.id,
+            version=conversation.version,
+            from_statuses=HUMAN_STATUSES,
+            within_capacity=True,
         ):
             return Conflict()
         if conversation.channel is Channel.KF and answers_in_wecom(target):
@@ -649,7 +696,7 @@ class HandoffService:
                     await self.repo.set_presence(target.id, Presence.AWAY.value)
                     return TransferRefused(str(target.id), TransferRefusal.AGENT_OFFLINE)
                 return Conflict()
-        await self.notify_agent(target, conversation.id, "transferred")
+        await self.notify_agent(target, conversation.id, kind, conversation=conversation)
         return TransferAllowed(str(target.id))
 
     async def resolve(self, conversation_id: int) -> ResolveResult:
@@ -682,6 +729,7 @@ class HandoffService:
         await self.sla.customer_message(conversation.id, conversation.team, at)
         if conversation.status is ConversationStatus.WAITING:
             await self.repo.set_waiting(conversation.id, False)
+        await self._changed(conversation, "customer_message", assignee_id=conversation.assignee_id)
 
     async def servicer_wrote(self, conversation: HandoffConversation, servicer_userid: str | None, at: float) -> None:
         """A servicer wrote from the WeCom client (kf origin 5): a human reply; open → waiting on the customer."""
@@ -695,6 +743,9 @@ class HandoffService:
             await self.repo.claim(conversation.id, agent.id, version=conversation.version)
         await self.sla.human_reply(conversation.id, at)
         await self.repo.set_waiting(conversation.id, True)
+        await self._changed(
+            conversation, "servicer_replied", assignee_id=agent.id if agent else conversation.assignee_id
+        )
 
     # ------------------------------------------------------------------ console replies (console mode)
 
@@ -843,13 +894,26 @@ class HandoffService:
         return f"{self._console}/console/conversations/{conversation_id}"
 
     async def notify_agent(
-        self, agent: AgentRecord, conversation_id: int, kind: str, *, level: int = 0, extra: str = ""
+        self,
+        agent: AgentRecord,
+        conversation_id: int,
+        kind: str,
+        *,
+        level: int = 0,
+        extra: str = "",
+        conversation: HandoffConversation | None = None,
+        tags: frozenset[str] | None = None,
     ) -> bool:
-        """A textcard app message to the member: customer, tags, the last messages and a console link."""
+        """A textcard app message to the member: customer, tags, the last messages and a console link.
+
+        `conversation` and `tags`, when the caller has just read them, save reading them again (the card shows
+        the customer's name and tags, which a move does not change).
+        """
         if not agent.wecom_userid:
             log.info("agent has no wecom userid; not notified", agent_id=agent.id, kind=kind)
             return False
-        conversation = await self.repo.conversation(conversation_id)
+        if conversation is None or conversation.id != conversation_id:
+            conversation = await self.repo.conversation(conversation_id)
         if conversation is None:
             return False
         titles = {
@@ -861,8 +925,10 @@ class HandoffService:
             "reassigned": "SLA 超时，会话已改派给您",
         }
         customer = conversation.customer_name or conversation.external_id
-        tags = sorted(await self.repos.tags.customer_tags(conversation.customer_id))
-        lines = [f"客户：{customer}", f"标签：{'、'.join(tags) if tags else '无'}"]
+        if tags is None:
+            tags = await self.repos.tags.customer_tags(conversation.customer_id)
+        shown = sorted(tags)
+        lines = [f"客户：{customer}", f"标签：{'、'.join(shown) if shown else '无'}"]
         if extra:
             lines.append(extra)
         recent = await self.repos.messages.conversation_messages(conversation_id, limit=LAST_MESSAGES)
@@ -887,14 +953,47 @@ class HandoffService:
         log.info("agent notified", agent_id=agent.id, conversation_id=conversation_id, kind=kind)
         return True
 
+    async def notify_digest(self, agent: AgentRecord, alerts: list[Alert]) -> bool:
+        """One textcard for several SLA alerts held back by the member's pacing (bot.sla_alerts)."""
+        if not agent.wecom_userid or not alerts:
+            return False
+        lines: list[str] = []
+        for alert in alerts[:DIGEST_LINES]:
+            conversation = await self.repo.conversation(alert.conversation_id)
+            customer = (conversation.customer_name or conversation.external_id) if conversation else "?"
+            lines.append(f"{DIGEST_KINDS.get(alert.kind, alert.kind)}｜{customer}：{alert.extra}")
+        if len(alerts) > DIGEST_LINES:
+            lines.append(f"另有 {len(alerts) - DIGEST_LINES} 条，请在工作台查看")
+        content = {
+            "title": _cut(f"SLA 提醒：{len(alerts)} 个会话需要处理", TEXTCARD_TITLE_BYTES),
+            "description": _cut("\n".join(lines), TEXTCARD_DESCRIPTION_BYTES),
+            "url": f"{self._console}/console/lead" if agent.role == "lead" else f"{self._console}/console/inbox",
+            "btntxt": "打开工作台",
+        }
+        reply = OutboundMessage(
+            channel=Channel.APP, to=agent.wecom_userid, account_id="", msgtype="textcard", content=content
+        )
+        first = alerts[0]
+        try:
+            await self._sender.send(reply, _key("digest", agent.id, first.conversation_id, first.kind, len(alerts)))
+        except WeComApiError as exc:
+            log.warning("agent notification failed", agent_id=agent.id, kind="digest", errcode=exc.errcode)
+            return False
+        log.info("agent notified", agent_id=agent.id, kind="digest", alerts=len(alerts))
+        return True
+
+    async def leads_of(self, conversation: HandoffConversation) -> list[AgentRecord]:
+        """The team's leads: configured usernames and role=lead members of the conversation's team."""
+        team = self.config.team(conversation.team)
+        return await self.repo.leads(team.name, team.leads)
+
     async def notify_leads(self, conversation_id: int, kind: str, *, level: int = 0, extra: str = "") -> int:
         """Tell the team's leads (configured usernames and role=lead members of the team); returns how many."""
         conversation = await self.repo.conversation(conversation_id)
         if conversation is None:
             return 0
-        team = self.config.team(conversation.team)
         told = 0
-        for lead in await self.repo.leads(team.name, team.leads):
+        for lead in await self.leads_of(conversation):
             told += await self.notify_agent(lead, conversation_id, kind, level=level, extra=extra)
         return told
 
@@ -904,14 +1003,17 @@ class HandoffService:
         if conversation is None or conversation.status.value not in HUMAN_STATUSES:
             return None
         exclude = [conversation.assignee_id] if conversation.assignee_id is not None else []
-        decision = await self.decide(conversation, exclude)
+        decision, records = await self._decide(conversation, exclude)
         if not isinstance(decision, Assignment):
             return None
-        target = await self.repo.agent(int(decision.agent_id))
-        if target is None:
+        target = records[int(decision.agent_id)]
+        moved = await self._move(conversation, target, "reassigned")
+        if not isinstance(moved, TransferAllowed):
             return None
-        moved = await self._move(conversation, target)
-        return target.id if isinstance(moved, TransferAllowed) else None
+        await self._changed(
+            conversation, "reassigned", assignee_id=target.id, previous_assignee_id=conversation.assignee_id
+        )
+        return target.id
 
 
 def priority_of(value: str | None) -> Priority:

@@ -225,7 +225,7 @@ class Pipeline:
                 await messages.mark_handled(record.id, handled_by)
                 bound.info("message handled", handler=handled_by, replies=0)
                 return
-        context = await self._context(message, record, tags)
+        context = await self._context(message, record, tags, conversation)
         dispatch = await self._dispatcher.dispatch(message, context)
         replies = list(dispatch.replies)
         trigger: HandoffTrigger | None = None
@@ -239,7 +239,7 @@ class Pipeline:
                 kept=KF_MAX_REPLIES_PER_MESSAGE,
             )
             replies = replies[:KF_MAX_REPLIES_PER_MESSAGE]
-        suppressed = await self._kf_state_forbids_sends(message, record, replies)
+        suppressed = await self._kf_state_forbids_sends(message, record, replies, conversation)
         if suppressed is not None:
             bound.info("kf session not served by the bot; replies not sent", kf_service_state=suppressed)
         outcomes: list[bool | None] = []
@@ -450,7 +450,11 @@ class Pipeline:
         return frozenset().union(*by_source.values())
 
     async def _context(
-        self, message: InboundMessage, record: InboundRecord, tags: frozenset[str] | None
+        self,
+        message: InboundMessage,
+        record: InboundRecord,
+        tags: frozenset[str] | None,
+        conversation: HandoffConversation | None = None,
     ) -> HandlerContext:
         """What the handlers get: the current matcher, and the customer's tags, name and script history."""
         context = HandlerContext(clock=self._clock)
@@ -462,22 +466,35 @@ class Pipeline:
         if record.customer_id is not None:
             last_sent = await self._repos.answers.last_sent_times(record.customer_id)
             context.last_sent = last_sent.get
-            customer = await self._repos.conversations.get_customer(message.channel, message.sender_id)
-            context.customer_name = customer.name if customer is not None else None
+            if conversation is not None:  # read with its customer just before: the same name
+                context.customer_name = conversation.customer_name
+            else:
+                customer = await self._repos.conversations.get_customer(message.channel, message.sender_id)
+                context.customer_name = customer.name if customer is not None else None
         return context
 
     async def _kf_state_forbids_sends(
-        self, message: InboundMessage, record: InboundRecord, replies: list[OutboundMessage]
+        self,
+        message: InboundMessage,
+        record: InboundRecord,
+        replies: list[OutboundMessage],
+        read_before: HandoffConversation | None = None,
     ) -> int | None:
         """The stored kf service state when it rules out kf/send_msg (2 pool, 3 human, 4 ended), else None.
 
         Unknown (never stored) counts as sendable: WeCom answers 95018 then, which fails the reply cleanly.
+        `read_before`: the conversation as read before dispatch, good enough for a customer's text (only kf
+        events move the state while a message is handled); an event's state is read again.
         """
         needs_send_msg = any(r.channel is Channel.KF and not r.welcome_code for r in replies)
         if not needs_send_msg or record.conversation_id is None:
             return None
-        conversation = await self._repos.conversations.get_conversation(record.conversation_id)
-        state = conversation.kf_service_state if conversation is not None else None
+        state: int | None
+        if read_before is not None and message.msgtype != "event":
+            state = read_before.kf_service_state
+        else:
+            conversation = await self._repos.conversations.get_conversation(record.conversation_id)
+            state = conversation.kf_service_state if conversation is not None else None
         return state if state in KF_STATES_WITHOUT_BOT_SENDS else None
 
     async def _record_answers(

@@ -65,9 +65,7 @@ class SlaStore:
 
     async def apply(self, transition: SlaTransition) -> list[SlaEvent]:
         """Store the clocks the transition changed and its events; returns the events written now."""
-        changed = {(e.clock, e.cycle) for e in transition.events}
-        await self.repo.save_clocks(c for c in transition.state.clocks if (c.kind, c.cycle) in changed)
-        return await self.repo.record_events(transition.events)
+        return await self.repo.save(_changed_clocks(transition), transition.events)
 
     async def open(
         self,
@@ -80,11 +78,10 @@ class SlaStore:
         at: float,
     ) -> list[SlaEvent]:
         """Start first-response and resolution clocks at the handoff (once: a retry finds them started)."""
-        if await self.repo.clocks_of(conversation_id):
-            return []
         policy = choose_policy(self._config.rules, channel, tags, priority, default=self._config.default_policy)
         calendar = self._config.team(team).calendar
-        return await self.apply(open_conversation(str(conversation_id), policy, calendar, at))
+        transition = open_conversation(str(conversation_id), policy, calendar, at)
+        return await self.repo.save_first(conversation_id, _changed_clocks(transition), transition.events) or []
 
     async def customer_message(self, conversation_id: int, team: str | None, at: float) -> list[SlaEvent]:
         """A customer wrote: after a human reply this starts a next-response cycle."""
@@ -113,3 +110,9 @@ class SlaStore:
         if state is None:
             return []
         return await self.apply(resolve(state, at))
+
+
+def _changed_clocks(transition: SlaTransition) -> list[SlaClock]:
+    """The clocks a transition's events are about: the only ones to store."""
+    changed = {(e.clock, e.cycle) for e in transition.events}
+    return [c for c in transition.state.clocks if (c.kind, c.cycle) in changed]

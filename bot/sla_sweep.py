@@ -1,12 +1,20 @@
-"""The periodic SLA sweep: one pass over due clocks, each ladder event written once and acted on once.
+"""The periodic SLA sweep: each ladder event written once, found within about a second, acted on once.
 
-One pass (`SlaSweeper.sweep_once`):
-1. select running clocks with next_deadline ≤ now (the (status, next_deadline) index);
-2. `evaluate` each → insert its events by their unique key (ON CONFLICT DO NOTHING): only the events this pass
-   wrote are acted on → `advance` the clock with a conditional UPDATE (same `reached` as read);
-3. act: warned → the assignee is told; breached → a response clock's conversation is reassigned to another
-   available agent and the team's leads are told; escalated (level 2+) → the leads are told again;
-4. drain the handoff queue (conversations waiting for an opening or for capacity).
+A pass has two halves:
+1. Detect (`detect`): select running clocks with next_deadline ≤ now (the (status, next_deadline) index),
+   `evaluate` each, and in one transaction insert their events by unique key (ON CONFLICT DO NOTHING) and
+   `advance` the clocks with a conditional UPDATE (same `reached` as read). Only the events this pass wrote
+   are acted on.
+2. Act (`act`): warned → the assignee is told; breached → a response clock's conversation is reassigned to
+   another available agent and the team's leads are told; escalated (level 2+) → the leads are told again.
+   Conversations are acted on concurrently (at most `ACTION_CONCURRENCY` at once), each one's events in order.
+   Alert cards are paced per member (bot.sla_alerts): a breach storm becomes digests, not dropped cards.
+Then the handoff queue is drained (conversations waiting for an opening or for capacity).
+
+`sweep_once` does both halves and returns when all is done (tests, one-off runs). `run` (the service) detects
+every interval and leaves acting and draining to background tasks, so a burst of slow actions (each a WeCom
+call or two) never delays finding the next breach: detection lag stays about one interval whatever the load.
+An event whose action was cut short by a crash is not acted on again (it is in the log, its card may be missing).
 
 Several processes may sweep at once without a lock on the sweep: two passes that read the same clock both
 evaluate it, but the unique event key lets exactly one of them write (and so act on) each event, and the
@@ -19,21 +27,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as redis_asyncio
 import structlog
 from aiohttp import web
 
 from bot.handoff import HandoffService
+from bot.sla_alerts import Alert, AlertPacer
+from bot.storage.handoff_repository import HandoffConversation
 from handlers.domain import Clock
 from handlers.sla import ClockKind, SlaEvent, SlaEventKind, advance, evaluate
 
 log = structlog.get_logger(__name__)
 
-SWEEP_INTERVAL_S = 1.0  # a breach is acted on within ~1 s of its due instant (the bar is 2 s)
+SWEEP_INTERVAL_S = 1.0  # a breach is found within ~1 s of its due instant (the bar is 2 s)
 SWEEP_BATCH = 500
+ACTION_CONCURRENCY = 16  # conversations acted on at once (each action: a few statements and WeCom calls)
 RESPONSE_CLOCKS = frozenset({ClockKind.FIRST_RESPONSE, ClockKind.NEXT_RESPONSE})
 CLOCK_NAMES_ZH = {
     ClockKind.FIRST_RESPONSE: "首次响应",
@@ -73,7 +85,7 @@ class RedisLock:
 class SweepReport:
     due: int = 0
     events: list[SlaEvent] = field(default_factory=list)  # written (and acted on) by this pass
-    reassigned: dict[int, int] = field(default_factory=dict)  # conversation → new agent
+    reassigned: dict[int, int] = field(default_factory=dict)  # conversation → new agent (filled by `act`)
     drained: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -87,36 +99,53 @@ class SlaSweeper:
         *,
         interval_s: float = SWEEP_INTERVAL_S,
         batch: int = SWEEP_BATCH,
+        alerts: AlertPacer | None = None,
     ) -> None:
         self._handoff = handoff
         self._repo = handoff.sla.repo
         self._clock = clock
         self._interval_s = interval_s
         self._batch = batch
+        self.alerts = alerts or AlertPacer(handoff, clock)
+        self._slots = asyncio.Semaphore(ACTION_CONCURRENCY)
 
     async def sweep_once(self) -> SweepReport:
-        """One pass at the clock's now."""
+        """One whole pass at the clock's now: detect, act, drain, send the alert digests that are due."""
+        report = await self.detect()
+        await self.act(report)
+        report.drained = await self._handoff.drain()
+        await self.alerts.flush()
+        return report
+
+    async def detect(self) -> SweepReport:
+        """Write the events of every due clock and advance the clocks, in one transaction; nothing is acted on."""
         now = self._clock.now()
-        report = SweepReport()
         due = await self._repo.due(now, limit=self._batch)
-        report.due = len(due)
-        for stored in due:
-            events = evaluate([stored.clock], now)
-            written = await self._repo.record_events(events)
-            await self._repo.advance(stored, advance(stored.clock, now))
-            for event in written:
-                report.events.append(event)
+        report = SweepReport(due=len(due))
+        if due:
+            changes = [(stored, advance(stored.clock, now), evaluate([stored.clock], now)) for stored in due]
+            report.events = await self._repo.sweep(changes)
+        return report
+
+    async def act(self, report: SweepReport) -> None:
+        """Act on the report's events: conversations concurrently (bounded), each conversation's in order."""
+        by_conversation: dict[str, list[SlaEvent]] = {}
+        for event in report.events:
+            by_conversation.setdefault(event.conversation_id, []).append(event)
+        await asyncio.gather(*(self._act_in_order(events, report) for events in by_conversation.values()))
+
+    async def _act_in_order(self, events: list[SlaEvent], report: SweepReport) -> None:
+        async with self._slots:
+            for event in events:
                 try:
                     await self._act(event, report)
-                except Exception as exc:  # one conversation's failure must not stop the sweep
+                except Exception as exc:  # one conversation's failure must not stop the others
                     log.warning(
                         "sla action failed",
                         conversation_id=event.conversation_id,
                         kind=event.kind.value,
                         error=type(exc).__name__,
                     )
-        report.drained = await self._handoff.drain()
-        return report
 
     async def _act(self, event: SlaEvent, report: SweepReport) -> None:
         conversation_id = int(event.conversation_id)
@@ -137,9 +166,9 @@ class SlaSweeper:
             extra = f"{name}将在约 {left} 秒后超时"
             assignee = await handoff.repo.agent(conversation.assignee_id) if conversation.assignee_id else None
             if assignee is not None:
-                await handoff.notify_agent(assignee, conversation_id, "warned", extra=extra)
+                await self.alerts.send(assignee, Alert(conversation_id, "warned", extra))
             else:
-                await handoff.notify_leads(conversation_id, "warned", extra=f"排队中，{extra}")
+                await self._tell_leads(conversation, Alert(conversation_id, "warned", f"排队中，{extra}"))
         elif event.kind is SlaEventKind.BREACHED:
             moved_to: int | None = None
             if event.clock in RESPONSE_CLOCKS:
@@ -150,20 +179,55 @@ class SlaSweeper:
                 extra = f"{name}已超时，已改派给 {agent.display_name if agent else moved_to}"
             else:
                 extra = f"{name}已超时，暂无可改派的客服"
-            await handoff.notify_leads(conversation_id, "breached", extra=extra)
+            await self._tell_leads(conversation, Alert(conversation_id, "breached", extra))
         elif event.kind is SlaEventKind.ESCALATED:
             extra = f"{name}超时升级（第 {event.level} 级），请尽快处理"
-            await handoff.notify_leads(conversation_id, "escalated", level=event.level, extra=extra)
+            await self._tell_leads(conversation, Alert(conversation_id, "escalated", extra, event.level))
+
+    async def _tell_leads(self, conversation: HandoffConversation, alert: Alert) -> None:
+        for lead in await self._handoff.leads_of(conversation):
+            await self.alerts.send(lead, alert)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Sweep every interval until stopped; a failed pass is logged and the next one runs."""
-        while not stop.is_set():
-            try:
-                await self.sweep_once()
-            except Exception as exc:
-                log.warning("sla sweep failed", error=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval_s)
+        """Detect every interval until stopped; acting, draining and digests run beside it in the background.
+
+        A failed pass is logged and the next one runs. Only one drain and one digest flush run at a time; the
+        actions of several passes may overlap (they concern different events). On stop, what was started ends.
+        """
+        background: set[asyncio.Task[Any]] = set()
+        drain: asyncio.Task[Any] | None = None
+        flush: asyncio.Task[Any] | None = None
+
+        def start(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+            task = asyncio.create_task(_logged(coro, name), name=name)
+            background.add(task)
+            task.add_done_callback(background.discard)
+            return task
+
+        try:
+            while not stop.is_set():
+                try:
+                    report = await self.detect()
+                except Exception as exc:
+                    log.warning("sla sweep failed", error=type(exc).__name__)
+                else:
+                    if report.events:
+                        start(self.act(report), "sla-act")
+                if drain is None or drain.done():
+                    drain = start(self._handoff.drain(), "sla-drain")
+                if flush is None or flush.done():
+                    flush = start(self.alerts.flush(), "sla-alerts")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._interval_s)
+        finally:
+            await asyncio.gather(*background, return_exceptions=True)
+
+
+async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> None:
+    try:
+        await coro
+    except Exception as exc:
+        log.warning("sla background task failed", task=name, error=type(exc).__name__)
 
 
 def sweep_ctx(

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.storage.models import Customer
@@ -154,10 +154,13 @@ class CorpTagSyncer:
     async def sync_customer(self, external_userid: str) -> SyncResult:
         """Fetch the contact's corp tags and make them the WECOM tags of every row of that external_userid."""
         tags = await self.fetch_corp_tags(external_userid)
-        customer_ids = await self._rows(external_userid, create_contact=tags.related)
-        for customer_id in customer_ids:
-            await self._repos.tags.replace_tags(customer_id, TagSource.WECOM, tags.names)
-            await self._repos.conversations.update_customer(customer_id, corp_tag_ids=tags.ids)
+        async with self._sessions.begin() as session:  # one transaction: the rows and all their tags
+            customer_ids = await self._rows(session, external_userid, create_contact=tags.related)
+            for customer_id in customer_ids:
+                await self._repos.tags.replace_in(session, customer_id, TagSource.WECOM, tags.names)
+                await session.execute(
+                    update(Customer).where(Customer.id == customer_id).values(corp_tag_ids=list(tags.ids))
+                )
         self._remember(external_userid)
         log.info(
             "corp tags synced",
@@ -194,20 +197,19 @@ class CorpTagSyncer:
         self._synced.pop(external_userid, None)
         self._synced[external_userid] = self._clock.now()
 
-    async def _rows(self, external_userid: str, *, create_contact: bool) -> tuple[int, ...]:
+    async def _rows(self, session: AsyncSession, external_userid: str, *, create_contact: bool) -> tuple[int, ...]:
         """Ids of the kf and contact rows of external_userid; the contact row is created when asked and absent."""
-        async with self._sessions.begin() as session:
-            rows = (
-                await session.execute(
-                    select(Customer.id, Customer.channel).where(
-                        Customer.external_id == external_userid, Customer.channel.in_(TAGGED_CHANNELS)
-                    )
+        rows = (
+            await session.execute(
+                select(Customer.id, Customer.channel).where(
+                    Customer.external_id == external_userid, Customer.channel.in_(TAGGED_CHANNELS)
                 )
-            ).all()
-            ids = {int(r.id) for r in rows}
-            if create_contact and Channel.CONTACT.value not in {r.channel for r in rows}:
-                now = datetime.fromtimestamp(self._clock.now(), UTC)
-                ids.add(await upsert_contact_customer(session, external_userid, now))
+            )
+        ).all()
+        ids = {int(r.id) for r in rows}
+        if create_contact and Channel.CONTACT.value not in {r.channel for r in rows}:
+            now = datetime.fromtimestamp(self._clock.now(), UTC)
+            ids.add(await upsert_contact_customer(session, external_userid, now))
         return tuple(sorted(ids))
 
     # --- write: bot → WeCom -----------------------------------------------------------------------

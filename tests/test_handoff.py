@@ -76,6 +76,19 @@ def config(hours: dict[str, list[str]] | None = None, **sla: Any) -> SupportConf
 ALWAYS = config()
 
 
+class RecordedEvents:
+    """The console events the service publishes (bot.console.events.ConsoleEventPublisher's port)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, str | None, dict[str, object]]] = []
+
+    async def changed(self, conversation_id: int, kind: str, team: str | None, **detail: object) -> None:
+        self.seen.append((conversation_id, kind, team, detail))
+
+    def kinds(self, conversation_id: int) -> list[str]:
+        return [kind for c, kind, _t, _d in self.seen if c == conversation_id]
+
+
 @dataclass
 class Desk:
     h: Harness
@@ -83,6 +96,7 @@ class Desk:
     pipeline: Pipeline
     repo: HandoffRepository
     sweeper: SlaSweeper
+    events: RecordedEvents
 
     @property
     def sim(self) -> Any:
@@ -164,6 +178,7 @@ async def open_desk(backend: Backend, support: SupportConfig = ALWAYS) -> AsyncI
             h = Harness(sim=sim_app[SIM_STATE], clock=clock, services=services, backend=backend)
             sessions = create_session_factory(services.engine)
             repo = HandoffRepository(sessions, clock)
+            events = RecordedEvents()
             kf = h.client(TEST_KF_SECRET)
             sender = WeComSender(h.client(TEST_SECRET), kf, services.settings.wecom_agent_id)
             service = HandoffService(
@@ -175,11 +190,12 @@ async def open_desk(backend: Backend, support: SupportConfig = ALWAYS) -> AsyncI
                 sender,
                 clock,
                 console_base_url="https://bot.example.com",
+                events=events,
             )
             pipeline = Pipeline(
                 services.repos, build_dispatcher(), sender, h.puller(), clock, scripts=services.scripts, handoff=service
             )
-            yield Desk(h, service, pipeline, repo, SlaSweeper(service, clock))
+            yield Desk(h, service, pipeline, repo, SlaSweeper(service, clock), events)
     finally:
         await server.close()
 
@@ -577,3 +593,98 @@ async def test_resolving_a_console_conversation_makes_no_kf_move_and_the_bot_ans
     before = len(desk.sent("wmEnd"))
     again = await desk.say("wmEnd", "你好")
     assert again != conversation_id and len(desk.sent("wmEnd")) == before + 1  # the bot answers
+
+
+async def test_two_claims_for_one_agents_last_free_slot_have_exactly_one_winner(desk: Desk) -> None:
+    zhang = await desk.agent("zhangsan", presence="offline", capacity=1)
+    first = await desk.say("wmSlotA", "转人工")
+    second = await desk.say("wmSlotB", "转人工")
+    await desk.repo.set_presence(zhang, "online")  # without draining: both conversations wait in the queue
+
+    results = await asyncio.gather(desk.service.claim(first, zhang), desk.service.claim(second, zhang))
+
+    assert sorted(r.won for r in results) == [False, True]
+    [lost] = [r for r in results if not r.won]
+    assert lost.reason == "agent_at_capacity" and lost.message_zh
+    [agent] = [a for a in await desk.service.agents() if a.id == zhang]
+    assert agent.open_count == 1
+
+
+async def test_a_claim_within_capacity_is_refused_when_the_agent_is_full(desk: Desk) -> None:
+    zhang = await desk.agent("zhangsan", presence="offline", capacity=1)
+    first = await desk.say("wmFullA", "转人工")
+    second = await desk.say("wmFullB", "转人工")
+    for conversation_id in (first, second):
+        row = await desk.repo.conversation(conversation_id)
+        assert row is not None and row.status is ConversationStatus.QUEUED
+
+    row = await desk.repo.conversation(first)
+    assert row is not None
+    assert await desk.repo.claim(first, zhang, version=row.version, within_capacity=True)
+    row = await desk.repo.conversation(second)
+    assert row is not None
+    assert not await desk.repo.claim(second, zhang, version=row.version, within_capacity=True)
+    assert await desk.repo.claim(second, zhang, version=row.version)  # without the check (WeCom already moved it)
+
+
+async def test_the_sweep_keeps_finding_breaches_while_earlier_actions_are_still_running(desk: Desk) -> None:
+    zhang = await desk.agent("zhangsan")
+    await desk.agent("boss", role=StaffRole.LEAD, presence="offline")
+    await desk.repo.set_presence(zhang, "online")
+    first = await desk.say("wmSlowA", "转人工")
+    desk.h.clock.advance(10)
+    second = await desk.say("wmSlowB", "转人工")
+    release = asyncio.Event()
+    acting: list[int] = []
+    real_reassign = desk.service.reassign_after_breach
+
+    async def slow_reassign(conversation_id: int) -> int | None:
+        acting.append(conversation_id)
+        await release.wait()  # WeCom hanging on the first breach's reassignment
+        return await real_reassign(conversation_id)
+
+    setattr(desk.service, "reassign_after_breach", slow_reassign)  # noqa: B010
+    desk.h.clock.advance(21)  # the first conversation's 30 s first response has passed, not the second's
+    stop = asyncio.Event()
+    detected: list[list[int]] = []
+    real_detect = desk.sweeper.detect
+
+    async def detect() -> Any:
+        report = await real_detect()
+        detected.append(sorted({int(e.conversation_id) for e in report.events}))
+        if len(detected) == 1:
+            desk.h.clock.advance(10)  # by the next pass the second conversation has breached too
+        elif len(detected) == 3:
+            release.set()
+            stop.set()
+        return report
+
+    runner = SlaSweeper(desk.service, desk.h.clock, interval_s=0)
+    setattr(runner, "detect", detect)  # noqa: B010
+    await runner.run(stop)
+
+    assert detected[0] == [first] and second in detected[1]  # found while the first action was still blocked
+    assert sorted(acting) == sorted([first, second])  # both actions ran (in either order: concurrently)
+    rows = await desk.service.sla.repo.events_of(second)
+    assert ("first_response", "breached") in [(r.clock, r.kind) for r in rows]
+
+
+async def test_changes_the_console_did_not_make_are_published_to_open_consoles(desk: Desk) -> None:
+    zhang = await desk.agent("zhangsan", presence="offline")
+    await desk.agent("boss", role=StaffRole.LEAD, presence="offline")
+    queued = await desk.say("wmLive", "转人工")  # nobody online: queued
+    assert desk.events.seen[-1][:3] == (queued, "handed_off", "support")
+    assert desk.events.seen[-1][3]["status"] == "queued"
+
+    await desk.service.set_presence(zhang, Presence.ONLINE)  # the queue drains to the agent coming online
+    assert desk.events.kinds(queued)[-1] == "assigned"
+    assert desk.events.seen[-1][3] == {"assignee_id": zhang, "status": "open"}
+
+    await desk.say("wmLive", "还在吗")  # the customer writes while a person has it
+    assert desk.events.kinds(queued)[-1] == "customer_message"
+
+    li = await desk.agent("lisi")
+    desk.h.clock.advance(31)
+    await desk.sweeper.sweep_once()  # first response breached: reassigned to lisi
+    assert desk.events.kinds(queued)[-1] == "reassigned"
+    assert desk.events.seen[-1][3] == {"assignee_id": li, "previous_assignee_id": zhang}

@@ -35,6 +35,21 @@ async def publish_console_event(redis: redis_asyncio.Redis, keys_prefix: str, ev
     return int(await redis.publish(ConsoleKeys(keys_prefix).events(), payload))
 
 
+class ConsoleEventPublisher:
+    """Publishes conversation changes to the consoles; a failure is logged, never raised (the change happened)."""
+
+    def __init__(self, redis: redis_asyncio.Redis, keys_prefix: str) -> None:
+        self._redis = redis
+        self._prefix = keys_prefix
+
+    async def changed(self, conversation_id: int, kind: str, team: str | None, **detail: object) -> None:
+        event = {"type": kind, "conversation_id": conversation_id, "team": team, **detail}
+        try:
+            await publish_console_event(self._redis, self._prefix, event)
+        except Exception as exc:  # a missed live update only delays the inbox refresh
+            log.warning("console event not published", kind=kind, error=type(exc).__name__)
+
+
 class EventHub:
     """One Redis subscription per process, fanned out to in-process queues (one per SSE client)."""
 

@@ -11,7 +11,7 @@ import redis.asyncio as redis_asyncio
 import structlog
 
 from bot.console.actions import PRESENCES, ActionResult, AgentInfo
-from bot.console.events import publish_console_event
+from bot.console.events import ConsoleEventPublisher
 from bot.console.policy import ConsoleUser
 from bot.csat import CsatService
 from bot.handoff import KF_REPLY_IN_WECOM, Conflict, HandoffService, Refused, answers_in_wecom
@@ -36,16 +36,11 @@ class HandoffConsoleActions:
         csat: CsatService | None = None,
     ) -> None:
         self._handoff = handoff
-        self._redis = redis
-        self._prefix = keys_prefix
+        self._events = ConsoleEventPublisher(redis, keys_prefix)
         self._csat = csat
 
     async def _publish(self, conversation_id: int, kind: str, team: str | None, **extra: object) -> None:
-        event = {"type": kind, "conversation_id": conversation_id, "team": team, **extra}
-        try:
-            await publish_console_event(self._redis, self._prefix, event)
-        except Exception as exc:  # the action happened; a missed live update only delays the inbox refresh
-            log.warning("console event not published", kind=kind, error=type(exc).__name__)
+        await self._events.changed(conversation_id, kind, team, **extra)
 
     async def _team_of(self, conversation_id: int, fallback: str | None) -> str | None:
         conversation = await self._handoff.conversation(conversation_id)
@@ -122,9 +117,6 @@ class HandoffConsoleActions:
             return ActionResult.refused("接待状态只能是在线、离开或离线")
         if await self._handoff.repo.agent(agent.id) is None:
             return ActionResult.refused(NOT_AN_AGENT)
-        assigned = await self._handoff.set_presence(agent.id, Presence(presence))
+        await self._handoff.set_presence(agent.id, Presence(presence))  # queue assignments publish themselves
         await self._publish(0, "presence", agent.team, agent_id=agent.id, presence=presence)
-        for conversation_id, agent_id in assigned:
-            team = await self._team_of(conversation_id, agent.team)
-            await self._publish(conversation_id, "assigned", team, assignee_id=agent_id, status="open")
         return ActionResult.success()

@@ -13,11 +13,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage.models import (
     Conversation,
     ConversationStatus,
     Customer,
+    CustomerTag,
     Direction,
     Message,
     Outbox,
@@ -119,6 +121,30 @@ def _conversation(row: Conversation, customer: Customer) -> HandoffConversation:
     )
 
 
+async def _read_conversation(session: AsyncSession, conversation_id: int) -> HandoffConversation | None:
+    stmt = (
+        select(Conversation, Customer)
+        .join(Customer, Customer.id == Conversation.customer_id)
+        .where(Conversation.id == conversation_id)
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else _conversation(row[0], row[1])
+
+
+async def _open_count(session: AsyncSession, agent_id: int, *, excluding: int) -> int:
+    """Conversations the agent has open now, not counting `excluding` (a transfer back to its own assignee)."""
+    stmt = (
+        select(func.count())
+        .select_from(Conversation)
+        .where(
+            Conversation.assignee_id == agent_id,
+            Conversation.status.in_(HUMAN_STATUSES),
+            Conversation.id != excluding,
+        )
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
 def _open_counts() -> Any:
     return (
         select(Conversation.assignee_id, func.count().label("n"))
@@ -196,14 +222,8 @@ class HandoffRepository(_Repository):
 
     async def conversation(self, conversation_id: int) -> HandoffConversation | None:
         """One conversation with its customer."""
-        stmt = (
-            select(Conversation, Customer)
-            .join(Customer, Customer.id == Conversation.customer_id)
-            .where(Conversation.id == conversation_id)
-        )
         async with self._sessions() as session:
-            row = (await session.execute(stmt)).one_or_none()
-            return None if row is None else _conversation(row[0], row[1])
+            return await _read_conversation(session, conversation_id)
 
     async def queued(self, *, limit: int = 500) -> list[HandoffConversation]:
         """Conversations waiting for an agent, in queue order (priority, then time queued)."""
@@ -219,9 +239,16 @@ class HandoffRepository(_Repository):
             return [_conversation(c, cu) for c, cu in (await session.execute(stmt)).all()]
 
     async def start_handoff(
-        self, conversation_id: int, *, reason: str, team: str, priority: str
-    ) -> HandoffConversation | None:
-        """bot → queued (the handoff itself); None when the conversation is not with the bot any more."""
+        self,
+        conversation_id: int,
+        *,
+        reason: str,
+        team: str | None,
+        priority: str,
+        default_team: str | None = None,
+    ) -> tuple[HandoffConversation, frozenset[str]] | None:
+        """bot → queued (the handoff itself), with the customer's tags as they are now; None when the conversation
+        is not with the bot any more. The team: `team`, else the conversation's, else `default_team`."""
         now = self._now()
         async with self._sessions.begin() as session:
             result = await session.execute(
@@ -232,7 +259,7 @@ class HandoffRepository(_Repository):
                     handoff_reason=reason[:32],
                     handoff_at=now,
                     queued_at=now,
-                    team=team,
+                    team=team if team is not None else func.coalesce(Conversation.team, default_team),
                     priority=priority,
                     no_match_streak=0,
                     updated_at=now,
@@ -241,7 +268,13 @@ class HandoffRepository(_Repository):
             )
             if _rowcount(result) == 0:
                 return None
-        return await self.conversation(conversation_id)
+            # Same transaction: no second checkout for what the caller needs next.
+            started = await _read_conversation(session, conversation_id)
+            assert started is not None  # just updated, in this transaction
+            tags = await session.execute(
+                select(CustomerTag.tag).where(CustomerTag.customer_id == started.customer_id).distinct()
+            )
+            return started, frozenset(tags.scalars().all())
 
     async def claim(
         self,
@@ -250,10 +283,24 @@ class HandoffRepository(_Repository):
         *,
         version: int,
         from_statuses: Sequence[str] = (ConversationStatus.QUEUED.value,),
+        within_capacity: bool = False,
     ) -> bool:
-        """Give the conversation to an agent if nobody changed it since `version`; True for the one winner."""
+        """Give the conversation to an agent if nobody changed it since `version`; True for the one winner.
+
+        `within_capacity`: also refuse when the agent already has `capacity` conversations open. The agent's row
+        is locked first (FOR UPDATE; SQLite's BEGIN IMMEDIATE serialises writers anyway), so two claims for the
+        same agent's last free slot, from any process, cannot both count a free slot and both win.
+        """
         now = self._now()
         async with self._sessions.begin() as session:
+            if within_capacity:
+                capacity = (
+                    await session.execute(
+                        select(StaffUser.capacity).where(StaffUser.id == agent_id).with_for_update()
+                    )
+                ).scalar_one_or_none()
+                if capacity is None or await _open_count(session, agent_id, excluding=conversation_id) >= capacity:
+                    return False
             result = await session.execute(
                 update(Conversation)
                 .where(
@@ -462,10 +509,87 @@ def _clock(row: SlaClockRow) -> SlaClock:
     )
 
 
+async def _save_clock(session: AsyncSession, clock: SlaClock) -> None:
+    stmt = _insert(session, SlaClockRow).values(
+        conversation_id=int(clock.conversation_id),
+        kind=clock.kind.value,
+        cycle=clock.cycle,
+        policy_id=clock.policy_id,
+        target_seconds=clock.target_seconds,
+        started_at=clock.started_at,
+        ladder=[[r.kind.value, r.level, r.at] for r in clock.ladder],
+        reached=clock.reached,
+        status=clock.status.value,
+        next_deadline=clock.next_deadline,
+        ended_at=clock.ended_at,
+    )
+    ex = stmt.excluded
+    newer = ex.reached >= SlaClockRow.reached
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[SlaClockRow.conversation_id, SlaClockRow.kind, SlaClockRow.cycle],
+            set_={
+                "status": ex.status,
+                "ended_at": ex.ended_at,
+                "reached": case((newer, ex.reached), else_=SlaClockRow.reached),
+                "next_deadline": case(
+                    (ex.status != ClockStatus.RUNNING.value, None),
+                    (newer, ex.next_deadline),
+                    else_=SlaClockRow.next_deadline,
+                ),
+            },
+        )
+    )
+
+
+async def _record_events(session: AsyncSession, events: Iterable[SlaEvent], now: datetime) -> list[SlaEvent]:
+    written: list[SlaEvent] = []
+    for event in events:
+        stmt = (
+            _insert(session, SlaEventRow)
+            .values(
+                conversation_id=int(event.conversation_id),
+                clock=event.clock.value,
+                cycle=event.cycle,
+                kind=event.kind.value,
+                level=event.level,
+                at=event.at,
+                due_at=event.due_at,
+                met=event.met,
+                recorded_at=now,
+            )
+            .on_conflict_do_nothing(
+                index_elements=[
+                    SlaEventRow.conversation_id,
+                    SlaEventRow.clock,
+                    SlaEventRow.cycle,
+                    SlaEventRow.kind,
+                    SlaEventRow.level,
+                ]
+            )
+            .returning(SlaEventRow.id)
+        )
+        if (await session.execute(stmt)).scalar_one_or_none() is not None:
+            written.append(event)
+    return written
+
+
 @dataclass(frozen=True, slots=True)
 class StoredClock:
     id: int
     clock: SlaClock
+
+
+def _advance(stored: StoredClock, advanced: SlaClock) -> Any:
+    return (
+        update(SlaClockRow)
+        .where(
+            SlaClockRow.id == stored.id,
+            SlaClockRow.status == ClockStatus.RUNNING.value,
+            SlaClockRow.reached == stored.clock.reached,
+        )
+        .values(reached=advanced.reached, next_deadline=advanced.next_deadline)
+    )
 
 
 class SlaRepository(_Repository):
@@ -473,71 +597,45 @@ class SlaRepository(_Repository):
 
     async def save_clocks(self, clocks: Iterable[SlaClock]) -> None:
         """Insert or update clocks; `reached` never goes back (a sweep may have advanced it meanwhile)."""
-        async with self._sessions.begin() as session:
-            for clock in clocks:
-                stmt = _insert(session, SlaClockRow).values(
-                    conversation_id=int(clock.conversation_id),
-                    kind=clock.kind.value,
-                    cycle=clock.cycle,
-                    policy_id=clock.policy_id,
-                    target_seconds=clock.target_seconds,
-                    started_at=clock.started_at,
-                    ladder=[[r.kind.value, r.level, r.at] for r in clock.ladder],
-                    reached=clock.reached,
-                    status=clock.status.value,
-                    next_deadline=clock.next_deadline,
-                    ended_at=clock.ended_at,
-                )
-                ex = stmt.excluded
-                newer = ex.reached >= SlaClockRow.reached
-                await session.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[SlaClockRow.conversation_id, SlaClockRow.kind, SlaClockRow.cycle],
-                        set_={
-                            "status": ex.status,
-                            "ended_at": ex.ended_at,
-                            "reached": case((newer, ex.reached), else_=SlaClockRow.reached),
-                            "next_deadline": case(
-                                (ex.status != ClockStatus.RUNNING.value, None),
-                                (newer, ex.next_deadline),
-                                else_=SlaClockRow.next_deadline,
-                            ),
-                        },
-                    )
-                )
+        await self.save(clocks, ())
 
     async def record_events(self, events: Iterable[SlaEvent]) -> list[SlaEvent]:
         """Insert events by their unique key; returns only those written now (the caller acts on these)."""
+        return await self.save((), events)
+
+    async def save(self, clocks: Iterable[SlaClock], events: Iterable[SlaEvent]) -> list[SlaEvent]:
+        """Clocks and the events of the same change in one transaction; returns the events written now."""
+        async with self._sessions.begin() as session:
+            for clock in clocks:
+                await _save_clock(session, clock)
+            return await _record_events(session, events, self._now())
+
+    async def save_first(
+        self, conversation_id: int, clocks: Iterable[SlaClock], events: Iterable[SlaEvent]
+    ) -> list[SlaEvent] | None:
+        """`save`, unless the conversation has clocks already (None then): starting them twice is a retry."""
+        async with self._sessions.begin() as session:
+            started = await session.execute(
+                select(SlaClockRow.id).where(SlaClockRow.conversation_id == conversation_id).limit(1)
+            )
+            if started.first() is not None:
+                return None
+            for clock in clocks:
+                await _save_clock(session, clock)
+            return await _record_events(session, events, self._now())
+
+    async def sweep(self, changes: Sequence[tuple[StoredClock, SlaClock, Sequence[SlaEvent]]]) -> list[SlaEvent]:
+        """One sweep pass in one transaction: each due clock's events written once and the clock advanced.
+
+        A clock advances only if it is still as read (running, same `reached`); its events are written either
+        way, by their unique key, so of two racing passes exactly one writes (and acts on) each event.
+        """
         written: list[SlaEvent] = []
         now = self._now()
         async with self._sessions.begin() as session:
-            for event in events:
-                stmt = (
-                    _insert(session, SlaEventRow)
-                    .values(
-                        conversation_id=int(event.conversation_id),
-                        clock=event.clock.value,
-                        cycle=event.cycle,
-                        kind=event.kind.value,
-                        level=event.level,
-                        at=event.at,
-                        due_at=event.due_at,
-                        met=event.met,
-                        recorded_at=now,
-                    )
-                    .on_conflict_do_nothing(
-                        index_elements=[
-                            SlaEventRow.conversation_id,
-                            SlaEventRow.clock,
-                            SlaEventRow.cycle,
-                            SlaEventRow.kind,
-                            SlaEventRow.level,
-                        ]
-                    )
-                    .returning(SlaEventRow.id)
-                )
-                if (await session.execute(stmt)).scalar_one_or_none() is not None:
-                    written.append(event)
+            for stored, advanced, events in changes:
+                written.extend(await _record_events(session, events, now))
+                await session.execute(_advance(stored, advanced))
         return written
 
     async def clocks_of(self, conversation_id: int) -> list[SlaClock]:
@@ -564,16 +662,7 @@ class SlaRepository(_Repository):
     async def advance(self, stored: StoredClock, advanced: SlaClock) -> bool:
         """Store the rungs reported, only if the clock is still as read (running, same `reached`)."""
         async with self._sessions.begin() as session:
-            result = await session.execute(
-                update(SlaClockRow)
-                .where(
-                    SlaClockRow.id == stored.id,
-                    SlaClockRow.status == ClockStatus.RUNNING.value,
-                    SlaClockRow.reached == stored.clock.reached,
-                )
-                .values(reached=advanced.reached, next_deadline=advanced.next_deadline)
-            )
-            return _rowcount(result) == 1
+            return _rowcount(await session.execute(_advance(stored, advanced))) == 1
 
     async def events_of(self, conversation_id: int) -> list[SlaEventRow]:
         """The event log of a conversation, in the order written."""

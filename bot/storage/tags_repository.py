@@ -252,6 +252,12 @@ class TagRepository:
         async with self._sessions.begin() as session:
             await self._replace(session, customer_id, source, clean, self._now())
 
+    async def replace_in(
+        self, session: AsyncSession, customer_id: int, source: TagSource, tags: Iterable[str]
+    ) -> None:
+        """`replace_tags` inside the caller's transaction (several changes committed together)."""
+        await self._replace(session, customer_id, source, sorted({_check_tag(t) for t in tags}), self._now())
+
     @staticmethod
     async def _replace(
         session: AsyncSession, customer_id: int, source: TagSource, tags: Sequence[str], now: datetime
