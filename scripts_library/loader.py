@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import operator
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, time
 from pathlib import Path
@@ -18,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from scripts_library._gc import gc_paused
 from scripts_library.model import (
     BUILTIN_PLACEHOLDERS,
     BUILTIN_TAGS,
@@ -600,27 +599,9 @@ def _peek_id(node: Node) -> str | None:
     return None
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause automatic garbage collection while a library is built.
-
-    Composing and validating 10,000 scripts allocates about a million short-lived, acyclic objects (YAML nodes,
-    marks, model tuples) that reference counting frees; meanwhile the cyclic collector would run thousands of
-    times and walk the whole heap in its full passes, which more than doubled load time. Whatever cycles the
-    build leaves are collected as usual once it is resumed.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def build_library(sources: Mapping[str, str], limits: Limits = LIMITS) -> Library | list[Problem]:
     """Validate YAML texts by file name (tags.yaml / placeholders.yaml are the vocabulary) into a Library."""
-    with _gc_paused():
+    with gc_paused():
         return _build_library(sources, limits)
 
 

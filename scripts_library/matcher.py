@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import ahocorasick  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
+from scripts_library._gc import gc_paused
 from scripts_library.model import LIMITS, Library, Script, Variant
 from scripts_library.text import core_span, normalize, normalize_phrase, normalize_term, required_literal
 
@@ -109,6 +112,10 @@ def choose_variant(script: Script, tags: frozenset[str], customer_id: str) -> tu
     return group[-1], kind  # unreachable: the buckets cover the total weight
 
 
+_NO_PAIRS: Mapping[str, tuple[int, ...]] = MappingProxyType({})
+_NO_PARTNERS: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class _Term:
     """What finding one normalised term in a message means: which scripts it triggers, or may trigger."""
@@ -116,7 +123,12 @@ class _Term:
     term: str
     any_of: tuple[int, ...] = ()  # scripts with it in keywords_any
     all_of: tuple[int, ...] = ()  # scripts with it in keywords_all
-    anchor_of: tuple[int, ...] = ()  # keywords_all scripts whose rarest required word it is
+    # keywords_all scripts whose rarest required word it is, by their number of words: one (triggered by this
+    # word alone), two (under their other word: triggered when that was found too), more (check all their words)
+    anchor_of_one: tuple[int, ...] = ()
+    anchor_of_two: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: _NO_PAIRS)
+    anchor_partners: frozenset[str] = _NO_PARTNERS  # the keys of anchor_of_two
+    anchor_of_more: tuple[int, ...] = ()
     phrase_of: tuple[int, ...] = ()  # scripts with it as an exact phrase
     regex_of: tuple[int, ...] = ()  # positions in Matcher._regexes whose required literal it is
 
@@ -130,6 +142,10 @@ class Matcher:
     """
 
     def __init__(self, library: Library) -> None:
+        with gc_paused():
+            self._build(library)
+
+    def _build(self, library: Library) -> None:
         self.library = library
         self.scripts = library.scripts
         self._automaton = ahocorasick.Automaton()
@@ -138,6 +154,8 @@ class Matcher:
         phrase_of: dict[str, list[int]] = {}
         regex_of: dict[str, list[int]] = {}
         self._required: list[frozenset[str]] = []
+        self._any_terms: list[tuple[str, ...]] = []  # per script: its distinct normalised keywords_any
+        self._phrase_terms: list[tuple[str, ...]] = []  # per script: its distinct normalised phrases
         self._regexes: list[tuple[int, str, re.Pattern[str]]] = []
         self._unfiltered_regexes: tuple[int, ...] = ()  # positions of regexes without a usable literal
         unfiltered: list[int] = []
@@ -146,18 +164,18 @@ class Matcher:
         self._by_event: dict[str, list[int]] = {}
         for index, script in enumerate(self.scripts):
             t = script.triggers
-            for kw in t.keywords_any:
-                terms_of = any_of.setdefault(normalize_term(kw), [])
-                if index not in terms_of[-1:]:  # two keywords may normalise alike; they count once
-                    terms_of.append(index)
+            any_terms = tuple(dict.fromkeys(term for term in map(normalize_term, t.keywords_any) if term))
+            self._any_terms.append(any_terms)
+            for term in any_terms:  # two keywords may normalise alike; they count once
+                any_of.setdefault(term, []).append(index)
             required = frozenset(normalize_term(kw) for kw in t.keywords_all)
             self._required.append(required)
             for kw in required:
                 all_of.setdefault(kw, []).append(index)
-            for phrase in t.phrases:
-                phrases_of = phrase_of.setdefault(normalize_phrase(phrase), [])
-                if index not in phrases_of[-1:]:
-                    phrases_of.append(index)
+            phrase_terms = tuple(dict.fromkeys(term for term in map(normalize_phrase, t.phrases) if term))
+            self._phrase_terms.append(phrase_terms)
+            for term in phrase_terms:
+                phrase_of.setdefault(term, []).append(index)
             for pattern in t.regex:
                 literal = required_literal(pattern)
                 if literal:
@@ -179,20 +197,51 @@ class Matcher:
         group_of = {pair: n for n, pair in enumerate(groups)}
         self._group: list[int] = [group_of[(-s.priority, -s.audience.strictness)] for s in scripts]
         self._id_rank: list[int] = [0] * len(scripts)
-        for position, index in enumerate(sorted(range(len(scripts)), key=lambda i: scripts[i].id)):
+        by_rank = sorted(range(len(scripts)), key=lambda i: scripts[i].id)
+        for position, index in enumerate(by_rank):
             self._id_rank[index] = position
-        anchor_of: dict[str, list[int]] = {}
+        # The same order as one integer per script, in a flat array: a long message triggers ~100 scripts, and
+        # building and sorting their keys this way takes less than half the time tuples take. Bits, high to low:
+        # group | (max strength - strength) | id rank. A smaller key ranks first.
+        self._id_bits = max(1, (len(scripts) - 1).bit_length())
+        group_bits = max(1, max(self._group, default=0).bit_length())
+        self._strength_bits = max(8, 30 - self._id_bits - group_bits)  # keys stay one-digit ints if they can
+        self._by_rank = array("q", by_rank)
+        weakest = ((1 << self._strength_bits) - 1) << self._id_bits
+        base = [
+            (g << (self._strength_bits + self._id_bits)) | weakest | r
+            for g, r in zip(self._group, self._id_rank, strict=True)
+        ]
+        self._rank_base: array[int] | None = array("q", base) if max(base, default=0) < 1 << 62 else None
+        self._phrase_index: dict[str, tuple[int, ...]] = {term: tuple(of) for term, of in phrase_of.items()}
+        anchor_of_one: dict[str, list[int]] = {}
+        anchor_of_two: dict[str, dict[str, list[int]]] = {}
+        anchor_of_more: dict[str, list[int]] = {}
         for index, required in enumerate(self._required):
-            if required:
-                anchor = min(required, key=lambda kw: (len(all_of[kw]), kw))
-                anchor_of.setdefault(anchor, []).append(index)
+            if not required:
+                continue
+            anchor, *others = sorted(required, key=lambda kw: (len(all_of[kw]), kw))
+            if not others:
+                anchor_of_one.setdefault(anchor, []).append(index)
+            elif len(others) == 1:
+                anchor_of_two.setdefault(anchor, {}).setdefault(others[0], []).append(index)
+            else:
+                anchor_of_more.setdefault(anchor, []).append(index)
         terms = {*any_of, *all_of, *phrase_of, *regex_of}
+        # One string object per term, so that set operations between found terms and partner words compare
+        # pointers and never have to read the strings themselves (a long message checks hundreds).
+        canonical = {term: term for term in terms}
         for term in terms:
+            two = anchor_of_two.get(term)
+            pairs = {canonical[other]: tuple(of) for other, of in two.items()} if two else _NO_PAIRS
             entry = _Term(
                 term,
                 tuple(any_of.get(term, ())),
                 tuple(all_of.get(term, ())),
-                tuple(anchor_of.get(term, ())),
+                tuple(anchor_of_one.get(term, ())),
+                pairs,
+                frozenset(pairs) if two else _NO_PARTNERS,
+                tuple(anchor_of_more.get(term, ())),
                 tuple(phrase_of.get(term, ())),
                 tuple(regex_of.get(term, ())),
             )
@@ -256,33 +305,37 @@ class Matcher:
     def _text_strengths(self, norm: str) -> dict[int, int]:
         """`match`'s path: the strength of every script whose text triggers fire, and nothing else."""
         strength: dict[int, int] = {}
-        seen: set[str] = set()
-        anchors: list[_Term] = []
         regex_due: set[int] = set(self._unfiltered_regexes)
-        lo, hi = core_span(norm)
         limit = LIMITS.regex_input_chars
         if self._has_terms:
             get = strength.get
-            entry: _Term
-            for end, entry in self._automaton.iter(norm):
-                term = entry.term
-                if term not in seen:  # keywords count once however often they occur
-                    seen.add(term)
-                    for index in entry.any_of:
-                        strength[index] = get(index, 0) + 1
-                    if entry.anchor_of:
-                        anchors.append(entry)
-                if entry.phrase_of and end - len(term) + 1 == lo and end == hi - 1:
-                    for index in entry.phrase_of:  # a message has one core, so each phrase counts once
-                        strength[index] = get(index, 0) + PHRASE_STRENGTH
-                if entry.regex_of and end < limit:
-                    regex_due.update(entry.regex_of)
+            # each distinct term once: keywords count once however often they occur
+            found: dict[str, _Term] = {entry.term: entry for _, entry in self._automaton.iter(norm)}
+            seen = set(found)
             required = self._required
-            for entry in anchors:
-                for index in entry.anchor_of:
+            for entry in found.values():
+                for index in entry.any_of:
+                    strength[index] = get(index, 0) + 1
+                for index in entry.anchor_of_one:
+                    strength[index] = get(index, 0) + 1
+                if entry.anchor_of_two:  # only the scripts whose other word was found too, not every one
+                    pairs = entry.anchor_of_two
+                    for other in entry.anchor_partners & seen:
+                        for index in pairs[other]:
+                            strength[index] = get(index, 0) + 2
+                for index in entry.anchor_of_more:
                     words = required[index]
                     if words <= seen:
                         strength[index] = get(index, 0) + len(words)
+                if entry.regex_of:
+                    regex_due.update(entry.regex_of)
+            if len(norm) > limit:  # a regex runs only when its literal is within the part it searches
+                regex_due = set(self._unfiltered_regexes)
+                for _, entry in self._automaton.iter(norm[:limit]):
+                    regex_due.update(entry.regex_of)
+            lo, hi = core_span(norm)
+            for index in self._phrase_index.get(norm[lo:hi], ()):  # a message has one core: each phrase counts once
+                strength[index] = get(index, 0) + PHRASE_STRENGTH
         if regex_due:
             bounded = norm[:limit]
             regexes = self._regexes
@@ -361,11 +414,19 @@ class Matcher:
         if not strength:
             return None
         scripts = self.scripts
-        group = self._group
-        id_rank = self._id_rank
-        order = sorted([(group[i], -s, id_rank[i], i) for i, s in strength.items()])
+        base = self._rank_base
+        order: Iterable[int]
+        if base is not None and max(strength.values()) < 1 << self._strength_bits:
+            shift = self._id_bits
+            keys = [base[i] - (s << shift) for i, s in strength.items()]
+            keys.sort()
+            mask, by_rank = (1 << shift) - 1, self._by_rank
+            order = (by_rank[key & mask] for key in keys)  # decoded lazily: the first one usually wins
+        else:
+            group, id_rank = self._group, self._id_rank
+            order = [i for *_, i in sorted([(group[i], -s, id_rank[i], i) for i, s in strength.items()])]
         tags = query.tags
-        for _, _, _, index in order:
+        for index in order:
             script = scripts[index]
             if not script.audience.admits(tags):
                 continue
@@ -381,24 +442,17 @@ class Matcher:
     def _text_hit(self, norm: str, index: int) -> _Hit:
         """One script's text hit with its reasons, as `_text_hits` words them."""
         hit = _Hit()
-        found: set[str] = set()
-        phrase = ""
-        lo, hi = core_span(norm)
-        required = self._required[index]
-        entry: _Term
-        for end, entry in self._automaton.iter(norm):
-            if index in entry.any_of:
-                found.add(entry.term)
-            if index in entry.phrase_of and end - len(entry.term) + 1 == lo and end == hi - 1:
-                phrase = entry.term
+        found = [term for term in self._any_terms[index] if term in norm]
         if found:
             hit.reasons.append("keywords_any " + ",".join(sorted(found)))
             hit.strength += len(found)
+        required = self._required[index]
         if required and all(kw in norm for kw in required):
             hit.reasons.append("keywords_all " + ",".join(sorted(required)))
             hit.strength += len(required)
-        if phrase:
-            hit.reasons.append(f"phrase {phrase!r}")
+        lo, hi = core_span(norm)
+        if norm[lo:hi] in self._phrase_terms[index]:
+            hit.reasons.append(f"phrase {norm[lo:hi]!r}")
             hit.strength += PHRASE_STRENGTH
         bounded = norm[: LIMITS.regex_input_chars]
         for position in self._regexes_of.get(index, ()):

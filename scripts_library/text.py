@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -12,7 +13,6 @@ from typing import Any
 from opencc_purepy import OpenCC
 
 _EDGE_PUNCT = " \t\r\n!?.,~:;。，！？、…~～：；\"'“”‘’()（）[]【】<>《》"
-_SPACES = re.compile(r"\s+")
 
 
 @lru_cache(maxsize=1)
@@ -20,27 +20,125 @@ def _t2s() -> OpenCC:
     return OpenCC("t2s")
 
 
-@lru_cache(maxsize=1)
-def _t2s_starters() -> frozenset[str] | None:
-    """The first characters of every t2s dictionary key (None if the converter's tables are not reachable).
+@dataclass(frozen=True, slots=True)
+class _CharT2S:
+    """OpenCC's t2s dictionary (`merged_map`: phrases and single characters) arranged for CPython's C loops."""
 
-    The converter only ever replaces text where a key starts, so text without any of these converts to itself.
-    """
+    chars: dict[int, str]  # single-character keys that change: code point -> replacement
+    bmp: str  # the same for the Basic Multilingual Plane as a dense string, which `str.translate` indexes faster
+    convertible: re.Pattern[str]  # finds a character that converts (or any astral one)
+    phrase_pairs: frozenset[str]  # the first two characters of every phrase key
+    phrase_hint: re.Pattern[str]  # finds, at every position, a pair of characters that may start a phrase key
+    phrase: re.Pattern[str]  # matches the longest phrase key starting at a position
+    phrases: dict[str, str]
+
+
+def _char_class(chars: Iterable[str]) -> str:
+    return "[" + "".join(re.escape(c) for c in sorted(set(chars))) + "]"
+
+
+@lru_cache(maxsize=1)
+def _char_t2s() -> _CharT2S | None:
+    """The converter's own t2s tables (None if they are not reachable: then every text goes through OpenCC)."""
     try:
         refs: Any = _t2s()._get_dict_refs("t2s")
         rounds = [r for r in (refs.round_1, refs.round_2, refs.round_3) if r]
-        return frozenset(key[0] for r in rounds for key in r.merged_map if key)
+        if len(rounds) != 1:  # t2s is one round today; several would chain, which this cannot
+            return None
+        mapping = {str(key): str(value) for key, value in rounds[0].merged_map.items()}
     except (AttributeError, TypeError):
         return None
+    if not all(mapping) or any(len(value) != 1 for key, value in mapping.items() if len(key) == 1):
+        return None
+    chars = {ord(key): value for key, value in mapping.items() if len(key) == 1 and key != value}
+    phrases = {key: value for key, value in mapping.items() if len(key) > 1}
+    bmp = "".join(chars.get(code, chr(code)) for code in range(0xD800)) + "".join(
+        chars.get(code, "\ufffd" if code < 0xE000 else chr(code)) for code in range(0xD800, 0x10000)
+    )  # surrogate code points cannot be in a str; their slots are never looked up
+    bmp_keys = [chr(code) for code in chars if code < 0x10000]
+    # Python's regex engine checks a large character class by a bitmap only when it is all in the BMP
+    convertible = re.compile(f"{_char_class(bmp_keys)}|[\U00010000-\U0010ffff]")
+    by_first: dict[str, list[str]] = {}
+    for key in phrases:
+        by_first.setdefault(key[0], []).append(key[1:])
+    # Alternatives longest first, so at a position the regex takes the longest key, as the converter does
+    alternatives = (
+        re.escape(first) + "(?:" + "|".join(re.escape(rest) for rest in sorted(rests, key=lambda r: (-len(r), r))) + ")"
+        for first, rests in sorted(by_first.items())
+    )
+    return _CharT2S(
+        chars=chars,
+        bmp=bmp,
+        convertible=convertible,
+        phrase_pairs=frozenset(key[:2] for key in phrases),
+        phrase_hint=re.compile(f"(?={_char_class(k[0] for k in phrases)}{_char_class(k[1] for k in phrases)})"),
+        phrase=re.compile("|".join(alternatives)),
+        phrases=phrases,
+    )
+
+
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _translate_chars(t2s: _CharT2S, text: str) -> str:
+    if not t2s.convertible.search(text):
+        return text
+    if _ASTRAL.search(text):
+        return text.translate(t2s.chars)
+    return text.translate(t2s.bmp)
+
+
+def to_simplified(text: str) -> str:
+    """OpenCC t2s, traditional -> simplified Chinese: the converter's output, without its per-character Python loop.
+
+    The converter replaces, from left to right, the longest dictionary key starting at each position. A phrase key
+    (一目瞭然 -> 一目了然, 乾坤 stays) can only start where its first two characters are; there the longest one
+    that matches is taken, as the converter does. The text around phrases has only single-character keys, which
+    `str.translate` replaces.
+    """
+    t2s = _char_t2s()
+    if t2s is None:
+        return str(_t2s().convert(text)) if text else text
+    pairs = t2s.phrase_pairs
+    out: list[str] = []
+    pos = 0
+    for hint in t2s.phrase_hint.finditer(text):
+        start = hint.start()
+        if start < pos or text[start : start + 2] not in pairs:
+            continue
+        found = t2s.phrase.match(text, start)
+        if found is not None:
+            out.append(_translate_chars(t2s, text[pos:start]))
+            out.append(t2s.phrases[found.group()])
+            pos = found.end()
+    if not out:
+        return _translate_chars(t2s, text)
+    out.append(_translate_chars(t2s, text[pos:]))
+    return "".join(out)
+
+
+# Full-width punctuation common in Chinese messages, each with what NFKC makes of it. Replaced before NFKC runs,
+# most messages are then already normalised and NFKC's quick check returns them as they are, instead of
+# decomposing and recomposing every character (the larger part of normalising a long message before). The result
+# is the same: NFKC first decomposes each character to its compatibility form, which is exactly the replacement.
+_PUNCT_NFKC = tuple((c, unicodedata.normalize("NFKC", c)) for c in "，！？：；（）～\u3000")
+_FULL_WIDTH_RUN = re.compile("[\uff01-\uff5e]+")  # other full-width forms (letters, digits): NFKC per run
+
+
+def _nfkc_run(m: re.Match[str]) -> str:
+    return unicodedata.normalize("NFKC", m.group())
 
 
 def normalize(text: str) -> str:
     """NFKC (full width -> half width), case-folded, traditional -> simplified, whitespace collapsed."""
+    for punct, plain in _PUNCT_NFKC:
+        if punct in text:
+            text = text.replace(punct, plain)
+    if not text.isascii():
+        text = _FULL_WIDTH_RUN.sub(_nfkc_run, text)
     folded = unicodedata.normalize("NFKC", text).casefold()
-    starters = _t2s_starters()
-    if starters is None or not starters.isdisjoint(folded):
-        folded = str(_t2s().convert(folded))
-    return _SPACES.sub(" ", folded).strip()
+    # str.split() and re's \s both split at exactly the characters str.isspace() accepts
+    return " ".join(to_simplified(folded).split())
 
 
 @lru_cache(maxsize=65_536)
@@ -73,6 +171,9 @@ def normalize_phrase(text: str) -> str:
 # Every alternative starts with a literal brace, so the regex engine skips ahead to the next brace instead of trying
 # each position (twice as fast on replies); the same matches as {{ | }} | {name} | [{}] tried in that order.
 _TOKEN = re.compile(r"\{(?:\{|([A-Za-z_][A-Za-z0-9_]*)\})?|\}\}?")
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +224,10 @@ def template_parts(template: str) -> tuple[tuple[str, ...], int]:
     size = len(template.encode())
     if "{" not in template and "}" not in template:
         return (), size
+    found = _PLACEHOLDER.findall(template)
+    if template.count("{") == len(found) == template.count("}"):
+        # every brace belongs to one of the {name}s found, so there is nothing else for the tokens to be
+        return tuple(found), size - sum(len(name) + 2 for name in found)  # names are ASCII
     names: list[str] = []
     for m in _TOKEN.finditer(template):
         name = m.group(1)
