@@ -6,15 +6,17 @@ Responses to rejected callbacks are a short plain-text reason, never a traceback
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
 
 from bot.metrics import Metrics
 from bot.settings import Settings
@@ -25,6 +27,7 @@ from bot.wecom.crypto import (
     CallbackCryptoError,
 )
 from bot.wecom.parse import (
+    CallbackEvent,
     CallbackParseError,
     conversation_key,
     dedupe_key,
@@ -45,6 +48,15 @@ class EnqueuePort(Protocol):
         self, dedupe_key: str, conversation_key: str, kind: str, payload: Mapping[str, Any]
     ) -> bool:
         """Queue once per dedupe key; True if queued now, False if it was already seen."""
+        ...
+
+
+@runtime_checkable
+class SubmitPort(Protocol):
+    def submit_once(
+        self, dedupe_key: str, conversation_key: str, kind: str, payload: Mapping[str, Any]
+    ) -> asyncio.Future[str | None]:
+        """`enqueue_once` as a future: the entry id if queued now, None if the key was already seen."""
         ...
 
 
@@ -115,6 +127,10 @@ class CallbackIngress:
     ) -> None:
         self._crypto = crypto
         self._queue = enqueue
+        # The real queue hands back a future the handler awaits directly (see `InboundQueue.submit_once`);
+        # any other port (test doubles) goes through `enqueue_once`.
+        self._submit: SubmitPort | None = enqueue if isinstance(enqueue, SubmitPort) else None
+        self._observe_ack = metrics.ack_latency.observe
         self._metrics = metrics
         self._accepted = metrics.callbacks.labels("accepted")
         self._duplicate = metrics.callbacks.labels("duplicate")
@@ -151,15 +167,55 @@ class CallbackIngress:
         return await self._timed(request, self._verify_url)
 
     async def handle_post(self, request: web.Request) -> web.Response:
-        # `_timed` inlined: the hot path saves a coroutine per callback.
+        # The hot path is this one coroutine from request to answer: every coroutine level between the handler
+        # and the queue's future is resumed again when Redis answers, so helpers here are plain functions.
         started = time.perf_counter()
         try:
+            declared = request.content_length
+            if declared is not None and declared > self._max_body:
+                raise _Reject(413, "rejected_too_large", "body too large")
+            signature, timestamp, nonce = self._post_params(request)
+            content = request.content
+            limit = min(_READ_CHUNK, self._max_body + 1)
+            # Usually the whole body came with the headers: take it without a read coroutine.
+            first = content.read_nowait(limit) if content.is_eof() else await content.read(limit)
+            if declared is not None and len(first) == declared and content.at_eof():
+                body = first  # the usual case: the whole declared body in one read, nothing after it
+            else:
+                body = await self._read_rest(content, first)
+            key, conversation, kind, payload, event = self._accept(signature, timestamp, nonce, body)
             try:
-                return await self._receive(request)
-            except _Reject as rej:
-                return self._rejected(request, rej)
+                if self._submit is not None:
+                    queued = await self._submit.submit_once(key, conversation, kind, payload) is not None
+                else:
+                    queued = await self._queue.enqueue_once(key, conversation, kind, payload)
+            except Exception as exc:
+                self._metrics.callbacks.labels("enqueue_failed").inc()
+                log.error(
+                    "callback_enqueue_failed",
+                    outcome="enqueue_failed",
+                    dedupe=_key_hash(key),
+                    error=type(exc).__name__,
+                )
+                return _text(503, "queue unavailable, retry later")
+            # Accepted callbacks log at DEBUG: a line each at INFO would cost more CPU than the rest of the hot
+            # path, and the counter has the numbers. Duplicates (WeCom retrying) are worth a line.
+            (self._accepted if queued else self._duplicate).inc()
+            if queued and not self._debug:
+                return web.Response(status=200)  # the DEBUG line would be dropped: skip building it
+            (log.debug if queued else log.info)(
+                "callback_received",
+                outcome="accepted" if queued else "duplicate",
+                dedupe=_key_hash(key),
+                kind=kind,
+                callback_kind=event.kind,
+                msgtype=event.msgtype,
+            )
+            return web.Response(status=200)
+        except _Reject as rej:
+            return self._rejected(request, rej)
         finally:
-            self._metrics.ack_latency.observe(time.perf_counter() - started)
+            self._observe_ack(time.perf_counter() - started)
 
     async def _verify_url(self, request: web.Request) -> web.Response:
         params = parse_query(request.rel_url.raw_query_string)
@@ -189,15 +245,11 @@ class CallbackIngress:
             raise _Reject(400, "rejected_stale", "timestamp outside the allowed clock skew")
         return signature, timestamp, nonce
 
-    async def _read_body(self, request: web.Request, declared: int | None) -> bytes:
-        """Read at most max_body + 1 bytes; stop as soon as the limit is crossed.
+    async def _read_rest(self, content: StreamReader, first: bytes) -> bytes:
+        """The rest of a body whose first read (`first`) did not hold all of it; at most max_body bytes.
 
-        `declared` is the Content-Length, already checked against the limit.
+        Stops as soon as the limit is crossed.
         """
-        content = request.content
-        first = await content.read(min(_READ_CHUNK, self._max_body + 1))
-        if declared is not None and len(first) == declared and content.at_eof():
-            return first  # the usual case: the whole declared body in one read, nothing after it
         if len(first) > self._max_body:
             raise _Reject(413, "rejected_too_large", "body too large")
         chunks: list[bytes] = [first] if first else []
@@ -212,12 +264,10 @@ class CallbackIngress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _receive(self, request: web.Request) -> web.Response:
-        declared = request.content_length
-        if declared is not None and declared > self._max_body:
-            raise _Reject(413, "rejected_too_large", "body too large")
-        signature, timestamp, nonce = self._post_params(request)
-        body = await self._read_body(request, declared)
+    def _accept(
+        self, signature: str, timestamp: str, nonce: str, body: bytes
+    ) -> tuple[str, str, str, dict[str, Any], CallbackEvent]:
+        """Decode, verify, decrypt and parse a POSTed callback: (dedupe key, conversation, kind, payload, event)."""
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -234,10 +284,7 @@ class CallbackIngress:
             event = parse_plaintext(plaintext)
         except CallbackParseError as exc:
             raise _Reject(400, "rejected_xml", exc.reason) from None
-
-        key = dedupe_key(event)
         received_at = self._clock.now()
-        kind: str
         payload: dict[str, Any]
         if event.is_kf_notification:
             kind = "kf_pull"
@@ -249,31 +296,7 @@ class CallbackIngress:
         else:
             kind = "callback"
             payload = {"xml": plaintext, "received_at": received_at}
-        try:
-            queued = await self._queue.enqueue_once(key, conversation_key(event), kind, payload)
-        except Exception as exc:
-            self._metrics.callbacks.labels("enqueue_failed").inc()
-            log.error(
-                "callback_enqueue_failed",
-                outcome="enqueue_failed",
-                dedupe=_key_hash(key),
-                error=type(exc).__name__,
-            )
-            return _text(503, "queue unavailable, retry later")
-        # Accepted callbacks log at DEBUG: a line each at INFO would cost more CPU than the rest of the hot path,
-        # and the counter has the numbers. Duplicates (WeCom retrying) are worth a line.
-        (self._accepted if queued else self._duplicate).inc()
-        if queued and not self._debug:
-            return web.Response(status=200)  # the DEBUG line would be dropped: skip building it
-        (log.debug if queued else log.info)(
-            "callback_received",
-            outcome="accepted" if queued else "duplicate",
-            dedupe=_key_hash(key),
-            kind=kind,
-            callback_kind=event.kind,
-            msgtype=event.msgtype,
-        )
-        return web.Response(status=200)
+        return dedupe_key(event), conversation_key(event), kind, payload, event
 
 
 def callback_routes(
@@ -285,3 +308,52 @@ def callback_routes(
 ) -> list[web.RouteDef]:
     """Routes for `GET|POST /wecom/callback`; add them with `app.add_routes(...)`."""
     return CallbackIngress(crypto, enqueue, metrics, settings, clock).routes()
+
+
+def install_callback_fast_path(runner: web.AppRunner, path: str = CALLBACK_PATH) -> bool:
+    """Answer `POST <path>` past aiohttp's router and middleware chain; False (nothing changed) when unsafe.
+
+    Call after `runner.setup()` and before any site starts. The handler is the one the router would pick, so
+    the callback's behaviour is the same: only the per-request routing work is skipped (resolving the URL,
+    building match info, the middleware wrapper that every request pays once any sub-application has
+    middlewares). That is safe only while the root application has no middlewares of its own, since those
+    would run for the callback too; with any, the fast path stays off. Requests with `Expect` (aiohttp answers
+    "100 Continue" in its routing step) and everything else take the normal path.
+    """
+    server = runner.server
+    app = runner.app
+    if server is None or len(app.middlewares) > 0:
+        return False
+    route = next(
+        (
+            r
+            for r in app.router.routes()
+            if r.method == hdrs.METH_POST and r.resource is not None and r.resource.canonical == path
+        ),
+        None,
+    )
+    ingress = getattr(route.handler, "__self__", None) if route is not None else None
+    if route is None or not isinstance(ingress, CallbackIngress):
+        return False
+    # One frozen match info for every fast-path request, as the router would build it: `request.app` and
+    # `request.match_info` work in the handler, and response-prepare signals still run.
+    match_info = web.UrlMappingMatchInfo({}, route)
+    match_info.add_app(app)
+    match_info.freeze()
+    handle_post = ingress.handle_post
+    routed = server.request_handler
+
+    def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A plain function, not a coroutine: it returns the handler's coroutine, adding no level of its own.
+        if (
+            request.method == hdrs.METH_POST
+            and request.rel_url.raw_path == path
+            and isinstance(request, web.Request)
+            and hdrs.EXPECT not in request.headers
+        ):
+            request._match_info = match_info
+            return handle_post(request)
+        return routed(request)
+
+    server.request_handler = dispatch
+    return True

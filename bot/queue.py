@@ -234,7 +234,8 @@ class InboundQueue:
         self._dead_letter = redis.register_script(_DEAD_LETTER_LUA)
         self._replay = redis.register_script(_REPLAY_LUA)
         self._prune = redis.register_script(_PRUNE_CONSUMERS_LUA)
-        self._batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
+        # Each waiting call: (dedupe key, stream), (kind, payload, dedupe, conversation, enqueued_at), its future.
+        self._batch: list[tuple[tuple[str, str], tuple[str, bytes, str, str, str], asyncio.Future[Any]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._flushing = False
 
@@ -270,25 +271,33 @@ class InboundQueue:
         Calls made in the same event-loop turn (concurrent callbacks) share one Redis round trip: each is still
         its own atomic script call with its own result or exception, sent in arrival order.
         """
-        body = encode_payload(payload)
-        stream = self.stream(self.partition_for(conversation_key))
-        call = (
-            [self.keys.dedupe(dedupe_key), stream],
-            [self.dedupe_ttl_s, kind, body, dedupe_key, conversation_key, repr(self._now())],
+        return await self.submit_once(dedupe_key, conversation_key, kind, payload) is not None
+
+    def submit_once(
+        self, dedupe_key: str, conversation_key: str, kind: str, payload: Mapping[str, Any]
+    ) -> asyncio.Future[str | None]:
+        """`enqueue_once` without its coroutine: a future of the entry id, or None for a key already seen.
+
+        For the callback hot path, which awaits this future directly: every coroutine level between a handler
+        and the future is resumed again when the Redis reply arrives, once per callback.
+        """
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._batch.append(
+            (
+                (self.keys.dedupe(dedupe_key), self.stream(self.partition_for(conversation_key))),
+                (kind, encode_payload(payload), dedupe_key, conversation_key, repr(self._now())),
+                future,
+            )
         )
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._batch.append((call[0], call[1], future))
         if not self._flushing:
             # One flusher at a time (group commit): whatever arrives while its round trip is in flight goes out
             # together in the next one, so batches grow with load and cost no latency when idle. It runs as its
             # own task, so a cancelled caller never strands the others in its batch.
             self._flushing = True
-            task = loop.create_task(self._flush())
+            task = future.get_loop().create_task(self._flush())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
-        entry_id = await future
-        return entry_id is not None
+        return future
 
     async def _flush(self) -> None:
         """Send every enqueue waiting in this loop turn: one script call alone, several in one pipeline."""
@@ -301,10 +310,11 @@ class InboundQueue:
     async def _flush_waiting(self) -> None:
         while self._batch:  # bounded: each pass takes up to _MAX_BATCH calls off a finite list
             batch, self._batch = self._batch[:_MAX_BATCH], self._batch[_MAX_BATCH:]
-            keys = [key for item_keys, _args, _future in batch for key in item_keys]
-            args: list[Any] = [batch[0][1][0]]  # the TTL is the same for every item
-            for _keys, item_args, _future in batch:
-                args.extend(item_args[1:])
+            keys: list[Any] = []
+            args: list[Any] = [self.dedupe_ttl_s]
+            for item_keys, item_args, _future in batch:
+                keys += item_keys
+                args += item_args
             try:
                 results = await self._enqueue_many(keys=keys, args=args)
             except BaseException as exc:

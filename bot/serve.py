@@ -121,8 +121,12 @@ def _sandbox_credentials_route(settings: Settings, callback_url: str) -> web.Rou
     return web.get("/sandbox/credentials", credentials)
 
 
-def _answer_long_polls_on_shutdown(app: web.Application, prefix: str) -> None:
-    """Simulator requests (long-polls up to 60 s) end with 503 as soon as shutdown starts, not at their timeout."""
+def _answer_long_polls_on_shutdown(app: web.Application, simulator: web.Application) -> None:
+    """Simulator requests (long-polls up to 60 s) end with 503 as soon as shutdown starts, not at their timeout.
+
+    The middleware belongs to the simulator's sub-application, so it runs only for its requests and the root
+    application keeps no middleware (which the callback fast path needs, see `install_callback_fast_path`).
+    """
     stopping = asyncio.Event()
 
     async def on_shutdown(_app: web.Application) -> None:
@@ -130,8 +134,6 @@ def _answer_long_polls_on_shutdown(app: web.Application, prefix: str) -> None:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith(prefix):
-            return await handler(request)
         work = asyncio.ensure_future(handler(request))
         stop = asyncio.ensure_future(stopping.wait())
         try:
@@ -149,7 +151,7 @@ def _answer_long_polls_on_shutdown(app: web.Application, prefix: str) -> None:
         return web.json_response({"error": "the bot is shutting down"}, status=503, headers={"Connection": "close"})
 
     app.on_shutdown.append(on_shutdown)
-    app.middlewares.append(middleware)
+    simulator.middlewares.insert(0, middleware)  # outermost, as it was on the root application
 
 
 def attach_sandbox(app: web.Application, settings: Settings) -> None:
@@ -166,14 +168,16 @@ def attach_sandbox(app: web.Application, settings: Settings) -> None:
         callback_url=callback_url,
         secrets={settings.wecom_secret: "app", settings.kf_secret: "kf"},
     )
-    app.add_subapp(SANDBOX_PREFIX, create_simulator(config))
+    simulator = create_simulator(config)
+    _answer_long_polls_on_shutdown(app, simulator)
+    app.add_subapp(SANDBOX_PREFIX, simulator)
     app.add_routes([*sandbox_page_routes(), _sandbox_credentials_route(settings, callback_url)])
-    _answer_long_polls_on_shutdown(app, SANDBOX_PREFIX)
 
 
 async def serve(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM."""
     from bot.app import create_app, open_services, sandbox_settings
+    from bot.ingress import install_callback_fast_path
 
     stop = _stop_event()  # first, so a SIGTERM during start-up still ends in a clean shutdown
     sock = bind_socket(settings.bot_host, settings.bot_port)  # fail fast on a busy port, before any work
@@ -194,6 +198,7 @@ async def serve(settings: Settings) -> None:
                 attach_sandbox(app, settings)
             runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
             await runner.setup()
+            fast_path = install_callback_fast_path(runner)
             try:
                 site = web.SockSite(runner, sock)
                 await site.start()
@@ -206,6 +211,7 @@ async def serve(settings: Settings) -> None:
                     database=settings.database_url.split("://", 1)[0],
                     redis="fakeredis (in-process)" if settings.embedded_redis else "redis",
                     workers_in_process=settings.worker_concurrency,
+                    callback_fast_path=fast_path,
                 )
                 if not sandbox and not settings.bot_public_url:
                     log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from urllib.parse import unquote
 
 import pytest
@@ -290,3 +291,40 @@ def test_random_prefix_round_trip_is_not_deterministic() -> None:
     first, second = crypto.encrypt(V1_PLAINTEXT), crypto.encrypt(V1_PLAINTEXT)
     assert first != second
     assert crypto.decrypt(first) == crypto.decrypt(second) == V1_PLAINTEXT
+
+
+def test_cbc_on_the_reused_ecb_context_matches_a_fresh_cbc_context() -> None:
+    """`decrypt` runs CBC on one reused ECB context; it must equal a fresh CBC decryptor for any length."""
+    import os
+    import threading
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    crypto = CallbackCrypto(V1_TOKEN, V1_KEY, V1_CORP)
+    key = base64.b64decode(V1_KEY + "=")
+    samples = [os.urandom(16 * n) for n in (1, 2, 3, 7, 32, 200) for _ in range(5)]
+
+    def reference(raw: bytes) -> bytes:
+        decryptor = Cipher(algorithms.AES(key), modes.CBC(key[:16])).decryptor()
+        return decryptor.update(raw) + decryptor.finalize()
+
+    for raw in samples:
+        assert crypto._cbc_decrypt(raw) == reference(raw)
+    failures: list[object] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(200):
+                for raw in samples:
+                    if crypto._cbc_decrypt(raw) != reference(raw):
+                        failures.append(raw)
+        except Exception as exc:  # e.g. a context shared between threads
+            failures.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert crypto.decrypt(V1_ENCRYPT) == V1_PLAINTEXT  # and the context still decrypts real callbacks

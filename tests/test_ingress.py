@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from structlog.testing import capture_logs
 
-from bot.ingress import CALLBACK_PATH, callback_routes, parse_query
+from bot.ingress import CALLBACK_PATH, callback_routes, install_callback_fast_path, parse_query
 from bot.metrics import Metrics
 from bot.queue import InboundQueue
 from bot.redis_conn import create_redis
@@ -129,9 +129,15 @@ class Harness:
 MakeHarness = Callable[..., Awaitable[Harness]]
 
 
+@pytest.fixture(params=["router", "fast-path"])
+def dispatch(request: pytest.FixtureRequest) -> str:
+    """Every HTTP test runs through aiohttp's router and through the fast path `wecom-bot serve` installs."""
+    return str(request.param)
+
+
 @pytest.fixture
 async def make_harness(
-    aiohttp_client: Callable[[web.Application], Awaitable[AClient]], backend: Backend
+    aiohttp_client: Callable[[web.Application], Awaitable[AClient]], backend: Backend, dispatch: str
 ) -> AsyncIterator[MakeHarness]:
     redis_clients: list[Any] = []
 
@@ -160,6 +166,10 @@ async def make_harness(
             )
         )
         client = await aiohttp_client(app)
+        if dispatch == "fast-path":
+            runner = client.server.runner
+            assert isinstance(runner, web.AppRunner)
+            assert install_callback_fast_path(runner)
         return Harness(client, queue, metrics, clock, settings)
 
     yield make
@@ -576,6 +586,50 @@ async def test_echostr_for_another_corp_is_403(h: Harness) -> None:
 
 
 # --- query parsing --------------------------------------------------------------------------------
+
+
+async def test_expect_100_continue_is_answered_and_queued(h: Harness) -> None:
+    query_string, body = callback(text_xml())
+    assert (await h.post(query_string, body, expect100=True)) == (200, "")
+    assert len(await h.entries()) == 1
+
+
+async def test_other_methods_and_paths_still_route(h: Harness) -> None:
+    query_string, body = callback(text_xml())
+    assert (await h.client.put(f"{CALLBACK_PATH}?{query_string}", data=body)).status == 405
+    assert (await h.client.post(f"{CALLBACK_PATH}/?{query_string}", data=body)).status == 404
+    assert await h.entries() == []
+
+
+async def test_fast_path_stays_off_when_the_root_app_has_middlewares(
+    aiohttp_client: Callable[[web.Application], Awaitable[AClient]], backend: Backend
+) -> None:
+    """A root middleware must see the callback too, so the fast path refuses and the router keeps serving."""
+    seen: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.path)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    settings = make_settings(backend, callback_max_body_bytes=MAX_BODY, callback_max_clock_skew_s=300)
+    redis = create_redis(settings)
+    try:
+        queue = InboundQueue(redis, RedisKeys(settings.redis_key_prefix), 1, 60)
+        crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
+        app = web.Application(middlewares=[record])
+        app.add_routes(callback_routes(crypto, queue, Metrics(), settings, FixedClock(float(NOW))))
+        client = await aiohttp_client(app)
+        runner = client.server.runner
+        assert isinstance(runner, web.AppRunner)
+        assert not install_callback_fast_path(runner)
+        query_string, body = callback(text_xml())
+        resp = await client.post(f"{CALLBACK_PATH}?{query_string}", data=body)
+        assert resp.status == 200
+        assert seen == [CALLBACK_PATH]
+    finally:
+        await redis.aclose()
 
 
 def test_parse_query_uses_unquote_not_unquote_plus() -> None:

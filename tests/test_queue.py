@@ -236,3 +236,14 @@ async def test_claim_orphans_moves_other_consumers_pending(redis: redis_asyncio.
     assert await q.claim_orphans(0, "new-owner", 0) == 0  # nothing held by anybody else now
     consumers = {c["name"] for c in await redis.xinfo_consumers(keys.inbound_stream(0), CONSUMER_GROUP)}
     assert consumers == {b"new-owner"}  # the emptied former owner was pruned
+
+
+async def test_submit_once_is_enqueue_once_as_a_future(redis: redis_asyncio.Redis, keys: RedisKeys) -> None:
+    q = InboundQueue(redis, keys, partitions=2, dedupe_ttl_s=60)
+    await q.ensure_groups()
+    first = q.submit_once("s-1", "conv", "callback", {"n": 1})
+    again = q.submit_once("s-1", "conv", "callback", {"n": 2})  # same loop turn: one round trip, in order
+    entry_id = await first
+    assert entry_id is not None and "-" in entry_id
+    assert await again is None
+    assert await q.depth() == 1

@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
-import struct
+import threading
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from wechatpy.work.crypto import PrpCrypto
@@ -21,6 +21,7 @@ ILLEGAL_BUFFER = -40008
 BASE64_DECODE_FAILED = -40010
 
 _BLOCK = 32
+_PADDING = [bytes((n,)) * n for n in range(_BLOCK + 1)]  # PKCS#7 padding of n bytes, for comparison
 _MAX_ENCRYPTED_CHARS = 2_000_000
 
 
@@ -50,9 +51,14 @@ class CallbackCrypto:
             raise CallbackCryptoError(ILLEGAL_AES_KEY, "EncodingAESKey must decode to 32 bytes")
         self._token = token
         self._key = key
-        # One Cipher per key (AES-256-CBC, IV = key[:16], reference §1.3); each decrypt makes a fresh context.
-        self._cipher = Cipher(algorithms.AES(key), modes.CBC(key[:16]))
-        self.receive_id = receive_id
+        self._iv = key[:16]  # AES-256-CBC with IV = key[:16] (reference §1.3)
+        self._threads = threading.local()  # one reused ECB context per thread, see _cbc_decrypt
+        self._receive_id = receive_id
+        self._receive_id_bytes = receive_id.encode()
+
+    @property
+    def receive_id(self) -> str:
+        return self._receive_id
 
     def sign(self, timestamp: str, nonce: str, encrypted: str) -> str:
         return compute_signature(self._token, timestamp, nonce, encrypted)
@@ -68,32 +74,48 @@ class CallbackCrypto:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "ciphertext too long")
         try:
             # base64.b64decode(encrypted, validate=True) without its wrapper: ASCII only, strict alphabet.
-            raw = binascii.a2b_base64(encrypted.encode("ascii"), strict_mode=True)
+            raw = binascii.a2b_base64(encrypted, strict_mode=True)
         except (binascii.Error, ValueError):
             raise CallbackCryptoError(BASE64_DECODE_FAILED, "ciphertext is not valid base64") from None
-        if not raw or len(raw) % 16:
+        size = len(raw)
+        if not size or size % 16:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "ciphertext is not a whole number of AES blocks")
         try:
-            decryptor = self._cipher.decryptor()
-            plain = decryptor.update(raw) + decryptor.finalize()
+            plain = self._cbc_decrypt(raw)
         except Exception:
             raise CallbackCryptoError(DECRYPT_FAILED, "AES decryption failed") from None
         pad = plain[-1]
-        if not 1 <= pad <= _BLOCK or plain[-pad:] != bytes((pad,)) * pad:
+        if not 1 <= pad <= _BLOCK or plain[-pad:] != _PADDING[pad]:
             raise CallbackCryptoError(DECRYPT_FAILED, "bad PKCS#7 padding")
-        content = plain[16:-pad]
-        if len(content) < 4:
+        # random(16) ‖ msg_len(4, big-endian) ‖ msg ‖ receiveid ‖ padding, read in place without slicing twice.
+        end = size - pad
+        if end < 20:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "plaintext too short")
-        (length,) = struct.unpack(">I", content[:4])
-        if length > len(content) - 4:
+        length = int.from_bytes(plain[16:20], "big")
+        if length > end - 20:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "message length exceeds plaintext")
-        receive_id = content[4 + length :]
-        if not hmac.compare_digest(receive_id, self.receive_id.encode()):
+        if not hmac.compare_digest(plain[20 + length : end], self._receive_id_bytes):
             raise CallbackCryptoError(RECEIVEID_MISMATCH, "receiveid does not match the configured corp")
         try:
-            return content[4 : 4 + length].decode("utf-8")
+            return plain[20 : 20 + length].decode("utf-8")
         except UnicodeDecodeError:
             raise CallbackCryptoError(ILLEGAL_BUFFER, "message is not UTF-8") from None
+
+    def _cbc_decrypt(self, raw: bytes) -> bytes:
+        """AES-256-CBC decryption of whole blocks (IV = key[:16]) on a reused ECB context.
+
+        Creating a CBC context costs more than decrypting a callback, and one cannot be reset to the IV. ECB
+        keeps no state between calls fed whole blocks, so one context serves every call of its thread (a
+        context is not shareable between threads: cryptography refuses concurrent use). CBC is then block i's
+        ECB output XOR ciphertext block i-1 (the IV for the first), done as one XOR of two integers.
+        """
+        try:
+            ecb = self._threads.ecb
+        except AttributeError:
+            ecb = self._threads.ecb = Cipher(algorithms.AES(self._key), modes.ECB()).decryptor()  # noqa: S305
+        blocks = ecb.update(raw)
+        chained = int.from_bytes(blocks, "big") ^ int.from_bytes(self._iv + raw[:-16], "big")
+        return chained.to_bytes(len(raw), "big")
 
     def verify_and_decrypt(self, signature: str, timestamp: str, nonce: str, encrypted: str) -> str:
         self.verify_signature(signature, timestamp, nonce, encrypted)

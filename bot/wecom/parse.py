@@ -236,7 +236,10 @@ def _plain_dict(text: str) -> dict[str, Any] | None:
     match_leaf = _PLAIN_LEAF.match
     while (leaf := match_leaf(text, pos)) is not None:
         tag, cdata, plain = leaf.groups("")
-        _add_field(data, tag, cdata + plain)  # one of the two is always ""
+        if tag in data:  # rare: a repeated tag becomes a list
+            _add_field(data, tag, cdata + plain)
+        else:
+            data[tag] = cdata + plain  # one of the two is always ""
         pos = leaf.end()
     if _PLAIN_END.fullmatch(text, pos) is None:
         return None
