@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import String, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage.models import (
@@ -29,7 +29,15 @@ from bot.storage.models import (
     StaffRole,
     StaffUser,
 )
-from bot.storage.repositories import OutboxRecord, _insert, _insert_outbound, _outbox_record, _Repository, _rowcount
+from bot.storage.repositories import (
+    OutboxRecord,
+    _insert,
+    _insert_outbound,
+    _outbox_record,
+    _Repository,
+    _rowcount,
+    table,
+)
 from handlers.domain import Channel
 from handlers.sla import ClockKind, ClockStatus, Deadline, SlaClock, SlaEvent, SlaEventKind
 
@@ -81,7 +89,7 @@ class HandoffConversation:
     last_inbound_at: datetime | None = None  # the customer's last message: opens WeCom's 48 h / 5-message window
 
 
-def _agent(row: StaffUser, open_count: int) -> AgentRecord:
+def _agent(row: Any, open_count: int) -> AgentRecord:  # an ORM StaffUser or a Core row of its columns
     return AgentRecord(
         id=row.id,
         username=row.username,
@@ -97,14 +105,125 @@ def _agent(row: StaffUser, open_count: int) -> AgentRecord:
     )
 
 
-def _conversation(row: Conversation, customer: Customer) -> HandoffConversation:
+# The hot statements, built once with bind parameters (see repositories._InboundSql for why): every handoff,
+# claim and sweep action runs several of them.
+_conversations, _customers, _staff = table(Conversation), table(Customer), table(StaffUser)
+_C, _CU, _S = _conversations.c, _customers.c, _staff.c
+
+_CONVERSATION_SELECT = select(
+    _C.id,
+    _C.channel,
+    _C.account_id,
+    _C.customer_id,
+    _CU.external_id,
+    _CU.name.label("customer_name"),
+    _C.status,
+    _C.opened_at,
+    _C.kf_service_state,
+    _C.assignee_id,
+    _C.team,
+    _C.priority,
+    _C.handoff_reason,
+    _C.handoff_at,
+    _C.queued_at,
+    _C.version,
+    _C.no_match_streak,
+    _CU.last_agent_id,
+    _C.last_inbound_at,
+).select_from(_conversations.join(_customers, _CU.id == _C.customer_id))
+_CONVERSATION_BY_ID = _CONVERSATION_SELECT.where(_C.id == bindparam("b_conversation_id"))
+_QUEUED = (
+    _CONVERSATION_SELECT.where(_C.status == ConversationStatus.QUEUED.value)
+    .order_by(case(_PRIORITY_RANK, value=_C.priority, else_=2), _C.queued_at, _C.id)
+    .limit(bindparam("b_limit"))
+)
+_OPEN_COUNTS = (
+    select(_C.assignee_id, func.count().label("n"))
+    .where(_C.status.in_(HUMAN_STATUSES), _C.assignee_id.is_not(None))
+    .group_by(_C.assignee_id)
+    .subquery()
+)
+_AGENTS = (
+    select(
+        _S.id,
+        _S.username,
+        _S.display_name,
+        _S.role,
+        _S.team,
+        _S.wecom_userid,
+        _S.skills,
+        _S.capacity,
+        _S.presence,
+        _S.last_assigned_at,
+        func.coalesce(_OPEN_COUNTS.c.n, 0).label("open_count"),
+    )
+    .outerjoin(_OPEN_COUNTS, _OPEN_COUNTS.c.assignee_id == _S.id)
+    .where(_S.active.is_(True), _S.role.in_(ROUTABLE_ROLES))
+    .order_by(_S.id)
+)
+_AGENTS_BY_ID = _AGENTS.where(_S.id.in_(bindparam("b_ids", expanding=True)))
+_CAPACITY_FOR_UPDATE = select(_S.capacity).where(_S.id == bindparam("b_agent_id")).with_for_update()
+_OPEN_COUNT = (
+    select(func.count())
+    .select_from(_conversations)
+    .where(
+        _C.assignee_id == bindparam("b_agent_id"),
+        _C.status.in_(HUMAN_STATUSES),
+        _C.id != bindparam("b_conversation_id"),
+    )
+)
+_CLAIM = (
+    update(_conversations)
+    .where(
+        _C.id == bindparam("b_conversation_id"),
+        _C.version == bindparam("b_version"),
+        _C.status.in_(bindparam("b_from", expanding=True)),
+    )
+    .values(
+        status=ConversationStatus.OPEN.value,
+        assignee_id=bindparam("b_agent_id"),
+        assigned_at=bindparam("b_now"),
+        updated_at=bindparam("b_now"),
+        version=_C.version + 1,
+    )
+)
+_TOUCH_AGENT = update(_staff).where(_S.id == bindparam("b_agent_id")).values(last_assigned_at=bindparam("b_now"))
+_SET_KF_STATE = (
+    update(_conversations).where(_C.id == bindparam("b_conversation_id")).values(kf_service_state=bindparam("b_state"))
+)
+_SET_WAITING = (
+    update(_conversations)
+    .where(_C.id == bindparam("b_conversation_id"), _C.status == bindparam("b_old"))
+    .values(status=bindparam("b_new"), updated_at=bindparam("b_now"), version=_C.version + 1)
+)
+_START_HANDOFF = (
+    update(_conversations)
+    .where(_C.id == bindparam("b_conversation_id"), _C.status == ConversationStatus.BOT.value)
+    .values(
+        status=ConversationStatus.QUEUED.value,
+        handoff_reason=bindparam("b_reason"),
+        handoff_at=bindparam("b_now"),
+        queued_at=bindparam("b_now"),
+        team=func.coalesce(bindparam("b_team", type_=String), _C.team, bindparam("b_default_team", type_=String)),
+        priority=bindparam("b_priority"),
+        no_match_streak=0,
+        updated_at=bindparam("b_now"),
+        version=_C.version + 1,
+    )
+)
+_CUSTOMER_TAGS = (
+    select(table(CustomerTag).c.tag).where(table(CustomerTag).c.customer_id == bindparam("b_customer_id")).distinct()
+)
+
+
+def _conversation_row(row: Any) -> HandoffConversation:
     return HandoffConversation(
         id=row.id,
         channel=Channel(row.channel),
         account_id=row.account_id,
         customer_id=row.customer_id,
-        external_id=customer.external_id,
-        customer_name=customer.name,
+        external_id=row.external_id,
+        customer_name=row.customer_name,
         status=ConversationStatus(row.status),
         opened_at=row.opened_at,
         kf_service_state=row.kf_service_state,
@@ -116,42 +235,20 @@ def _conversation(row: Conversation, customer: Customer) -> HandoffConversation:
         queued_at=row.queued_at,
         version=row.version,
         no_match_streak=row.no_match_streak,
-        last_agent_id=customer.last_agent_id,
+        last_agent_id=row.last_agent_id,
         last_inbound_at=row.last_inbound_at,
     )
 
 
 async def _read_conversation(session: AsyncSession, conversation_id: int) -> HandoffConversation | None:
-    stmt = (
-        select(Conversation, Customer)
-        .join(Customer, Customer.id == Conversation.customer_id)
-        .where(Conversation.id == conversation_id)
-    )
-    row = (await session.execute(stmt)).one_or_none()
-    return None if row is None else _conversation(row[0], row[1])
+    row = (await session.execute(_CONVERSATION_BY_ID, {"b_conversation_id": conversation_id})).one_or_none()
+    return None if row is None else _conversation_row(row)
 
 
 async def _open_count(session: AsyncSession, agent_id: int, *, excluding: int) -> int:
     """Conversations the agent has open now, not counting `excluding` (a transfer back to its own assignee)."""
-    stmt = (
-        select(func.count())
-        .select_from(Conversation)
-        .where(
-            Conversation.assignee_id == agent_id,
-            Conversation.status.in_(HUMAN_STATUSES),
-            Conversation.id != excluding,
-        )
-    )
-    return int((await session.execute(stmt)).scalar_one())
-
-
-def _open_counts() -> Any:
-    return (
-        select(Conversation.assignee_id, func.count().label("n"))
-        .where(Conversation.status.in_(HUMAN_STATUSES), Conversation.assignee_id.is_not(None))
-        .group_by(Conversation.assignee_id)
-        .subquery()
-    )
+    params = {"b_agent_id": agent_id, "b_conversation_id": excluding}
+    return int((await session.execute(_OPEN_COUNT, params)).scalar_one())
 
 
 class HandoffRepository(_Repository):
@@ -161,17 +258,12 @@ class HandoffRepository(_Repository):
 
     async def agents(self, *, ids: Iterable[int] | None = None) -> list[AgentRecord]:
         """Active agents and leads (routable staff), with their open conversation counts."""
-        counts = _open_counts()
-        stmt = (
-            select(StaffUser, func.coalesce(counts.c.n, 0))
-            .outerjoin(counts, counts.c.assignee_id == StaffUser.id)
-            .where(StaffUser.active.is_(True), StaffUser.role.in_(ROUTABLE_ROLES))
-            .order_by(StaffUser.id)
-        )
-        if ids is not None:
-            stmt = stmt.where(StaffUser.id.in_(list(ids)))
         async with self._sessions() as session:
-            return [_agent(row, int(n)) for row, n in (await session.execute(stmt)).all()]
+            if ids is None:
+                result = await session.execute(_AGENTS)
+            else:
+                result = await session.execute(_AGENTS_BY_ID, {"b_ids": list(ids)})
+            return [_agent(row, int(row.open_count)) for row in result.all()]
 
     async def agent(self, agent_id: int) -> AgentRecord | None:
         """One routable staff member by id."""
@@ -227,16 +319,8 @@ class HandoffRepository(_Repository):
 
     async def queued(self, *, limit: int = 500) -> list[HandoffConversation]:
         """Conversations waiting for an agent, in queue order (priority, then time queued)."""
-        rank = case(_PRIORITY_RANK, value=Conversation.priority, else_=2)
-        stmt = (
-            select(Conversation, Customer)
-            .join(Customer, Customer.id == Conversation.customer_id)
-            .where(Conversation.status == ConversationStatus.QUEUED.value)
-            .order_by(rank, Conversation.queued_at, Conversation.id)
-            .limit(limit)
-        )
         async with self._sessions() as session:
-            return [_conversation(c, cu) for c, cu in (await session.execute(stmt)).all()]
+            return [_conversation_row(row) for row in (await session.execute(_QUEUED, {"b_limit": limit})).all()]
 
     async def start_handoff(
         self,
@@ -249,31 +333,22 @@ class HandoffRepository(_Repository):
     ) -> tuple[HandoffConversation, frozenset[str]] | None:
         """bot → queued (the handoff itself), with the customer's tags as they are now; None when the conversation
         is not with the bot any more. The team: `team`, else the conversation's, else `default_team`."""
-        now = self._now()
+        params = {
+            "b_conversation_id": conversation_id,
+            "b_reason": reason[:32],
+            "b_now": self._now(),
+            "b_team": team,
+            "b_default_team": default_team,
+            "b_priority": priority,
+        }
         async with self._sessions.begin() as session:
-            result = await session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id, Conversation.status == ConversationStatus.BOT.value)
-                .values(
-                    status=ConversationStatus.QUEUED.value,
-                    handoff_reason=reason[:32],
-                    handoff_at=now,
-                    queued_at=now,
-                    team=team if team is not None else func.coalesce(Conversation.team, default_team),
-                    priority=priority,
-                    no_match_streak=0,
-                    updated_at=now,
-                    version=Conversation.version + 1,
-                )
-            )
+            result = await session.execute(_START_HANDOFF, params)
             if _rowcount(result) == 0:
                 return None
             # Same transaction: no second checkout for what the caller needs next.
             started = await _read_conversation(session, conversation_id)
             assert started is not None  # just updated, in this transaction
-            tags = await session.execute(
-                select(CustomerTag.tag).where(CustomerTag.customer_id == started.customer_id).distinct()
-            )
+            tags = await session.execute(_CUSTOMER_TAGS, {"b_customer_id": started.customer_id})
             return started, frozenset(tags.scalars().all())
 
     async def claim(
@@ -294,31 +369,19 @@ class HandoffRepository(_Repository):
         now = self._now()
         async with self._sessions.begin() as session:
             if within_capacity:
-                capacity = (
-                    await session.execute(
-                        select(StaffUser.capacity).where(StaffUser.id == agent_id).with_for_update()
-                    )
-                ).scalar_one_or_none()
+                capacity = (await session.execute(_CAPACITY_FOR_UPDATE, {"b_agent_id": agent_id})).scalar_one_or_none()
                 if capacity is None or await _open_count(session, agent_id, excluding=conversation_id) >= capacity:
                     return False
-            result = await session.execute(
-                update(Conversation)
-                .where(
-                    Conversation.id == conversation_id,
-                    Conversation.version == version,
-                    Conversation.status.in_(list(from_statuses)),
-                )
-                .values(
-                    status=ConversationStatus.OPEN.value,
-                    assignee_id=agent_id,
-                    assigned_at=now,
-                    updated_at=now,
-                    version=Conversation.version + 1,
-                )
-            )
-            if _rowcount(result) == 0:
+            params = {
+                "b_conversation_id": conversation_id,
+                "b_version": version,
+                "b_from": list(from_statuses),
+                "b_agent_id": agent_id,
+                "b_now": now,
+            }
+            if _rowcount(await session.execute(_CLAIM, params)) == 0:
                 return False
-            await session.execute(update(StaffUser).where(StaffUser.id == agent_id).values(last_assigned_at=now))
+            await session.execute(_TOUCH_AGENT, {"b_agent_id": agent_id, "b_now": now})
             return True
 
     async def requeue(self, conversation_id: int, *, version: int) -> bool:
@@ -340,9 +403,7 @@ class HandoffRepository(_Repository):
     async def set_kf_state(self, conversation_id: int, state: int) -> None:
         """Record the kf service state WeCom now has for the session."""
         async with self._sessions.begin() as session:
-            await session.execute(
-                update(Conversation).where(Conversation.id == conversation_id).values(kf_service_state=state)
-            )
+            await session.execute(_SET_KF_STATE, {"b_conversation_id": conversation_id, "b_state": state})
 
     async def set_waiting(self, conversation_id: int, waiting: bool) -> bool:
         """open ↔ waiting (on the customer), for agent replies and customer messages."""
@@ -351,13 +412,9 @@ class HandoffRepository(_Repository):
             if waiting
             else (ConversationStatus.WAITING, ConversationStatus.OPEN)
         )
+        params = {"b_conversation_id": conversation_id, "b_old": old.value, "b_new": new.value, "b_now": self._now()}
         async with self._sessions.begin() as session:
-            result = await session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id, Conversation.status == old.value)
-                .values(status=new.value, updated_at=self._now(), version=Conversation.version + 1)
-            )
-            return _rowcount(result) == 1
+            return _rowcount(await session.execute(_SET_WAITING, params)) == 1
 
     async def resolve(self, conversation_id: int) -> HandoffConversation | None:
         """queued/open/waiting → resolved, the customer remembering the agent; None when not active with humans."""

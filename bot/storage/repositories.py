@@ -6,12 +6,13 @@ Customer message text is stored (it is the product) but must never be logged; no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Result, case, func, literal, select, text, update
+from sqlalchemy import ColumnElement, CursorResult, Result, Table, bindparam, case, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
@@ -147,12 +148,12 @@ def _insert(session: AsyncSession, model: type[Any]) -> postgresql.Insert | sqli
     return sqlite.insert(model)
 
 
-def _later(new: ColumnElement[Any], old: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
+def _later(new: ColumnElement[Any], old: ColumnElement[Any] | InstrumentedAttribute[Any]) -> ColumnElement[Any]:
     """SQL for the later of two nullable timestamps (NULL loses)."""
     return case((new.is_(None), old), (old.is_(None), new), (new > old, new), else_=old)
 
 
-def _earlier(new: ColumnElement[Any], old: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
+def _earlier(new: ColumnElement[Any], old: ColumnElement[Any] | InstrumentedAttribute[Any]) -> ColumnElement[Any]:
     return case((new < old, new), else_=old)
 
 
@@ -257,6 +258,91 @@ class _Repository:
         return datetime.fromtimestamp(self._clock.now(), UTC)
 
 
+def table(model: type[Any]) -> Table:
+    """The Core table of a mapped class: statements on it skip the ORM's per-execution layers."""
+    return cast(Table, model.__table__)
+
+
+@dataclass(frozen=True, slots=True)
+class _InboundSql:
+    """record_inbound's statements, built once per dialect with bind parameters.
+
+    Every message runs them. Built per call they cost more CPU than the database spends on them: construction,
+    then a walk of the whole statement for its cache key. A statement object reused keeps its cache key, and
+    Core tables skip the ORM's bulk-insert layer.
+    """
+
+    find: Any
+    customer_seen: Any  # the customer wrote: last_seen_at may move
+    customer_created: Any  # a servicer line or an event: the customer exists, but was not seen
+    conversation: Any
+    message: Any
+
+
+@functools.cache
+def _inbound_sql(dialect: str) -> _InboundSql:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    messages, customers, conversations = table(Message).c, table(Customer).c, table(Conversation).c
+    find = select(messages.id, messages.status, messages.customer_id, messages.conversation_id).where(
+        messages.channel == bindparam("channel"), messages.wecom_msgid == bindparam("msgid")
+    )
+    customer = insert(table(Customer)).values(
+        channel=bindparam("channel"),
+        external_id=bindparam("external_id"),
+        corp_tag_ids=[],
+        first_seen_at=bindparam("seen_at"),
+        last_seen_at=bindparam("seen_at"),
+    )
+    first_seen = _earlier(customer.excluded.first_seen_at, customers.first_seen_at)
+
+    def customer_upsert(last_seen: ColumnElement[Any]) -> Any:
+        return customer.on_conflict_do_update(
+            index_elements=[customers.channel, customers.external_id],
+            set_={"first_seen_at": first_seen, "last_seen_at": last_seen},
+        ).returning(customers.id)
+
+    conversation = insert(table(Conversation)).values(
+        channel=bindparam("channel"),
+        account_id=bindparam("account_id"),
+        customer_id=bindparam("customer_id"),
+        status=ConversationStatus.BOT.value,
+        opened_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        last_inbound_at=bindparam("inbound_at"),
+    )
+    message = insert(table(Message)).values(
+        channel=bindparam("channel"),
+        wecom_msgid=bindparam("msgid"),
+        direction=Direction.IN.value,
+        customer_id=bindparam("customer_id"),
+        conversation_id=bindparam("conversation_id"),
+        account_id=bindparam("account_id"),
+        msgtype=bindparam("msgtype"),
+        text=bindparam("text"),
+        payload=bindparam("payload"),
+        origin=bindparam("origin"),
+        status=MessageStatus.RECEIVED.value,
+        created_at=bindparam("created_at"),
+        received_at=bindparam("now"),
+    )
+    return _InboundSql(
+        find=find,
+        customer_seen=customer_upsert(_later(customer.excluded.last_seen_at, customers.last_seen_at)),
+        customer_created=customer_upsert(customers.last_seen_at),
+        conversation=conversation.on_conflict_do_update(
+            index_elements=[conversations.channel, conversations.account_id, conversations.customer_id],
+            index_where=_ACTIVE_CONVERSATION,
+            set_={
+                "updated_at": conversation.excluded.updated_at,
+                "last_inbound_at": _later(conversation.excluded.last_inbound_at, conversations.last_inbound_at),
+            },
+        ).returning(conversations.id),
+        message=message.on_conflict_do_nothing(index_elements=[messages.channel, messages.wecom_msgid]).returning(
+            messages.id
+        ),
+    )
+
+
 async def _upsert_customer(
     session: AsyncSession, channel: str, external_id: str, seen_at: datetime, *, customer_authored: bool
 ) -> int:
@@ -310,9 +396,7 @@ async def _open_conversation(
     return int((await session.execute(upsert)).scalar_one())
 
 
-async def _active_conversation_id(
-    session: AsyncSession, channel: str, account_id: str, customer_id: int
-) -> int | None:
+async def _active_conversation_id(session: AsyncSession, channel: str, account_id: str, customer_id: int) -> int | None:
     stmt = select(Conversation.id).where(
         Conversation.channel == channel,
         Conversation.account_id == account_id,
@@ -376,6 +460,7 @@ class MessageRepository(_Repository):
         stamped = datetime.fromtimestamp(message.created_at, UTC) if message.created_at > 0 else now
         customer_authored = message.origin in (None, KfOrigin.CUSTOMER)
         async with self._sessions.begin() as session:
+            sql = _inbound_sql(session.get_bind().dialect.name)
             existing = await self._find_inbound(session, channel, message.msgid)
             if existing is not None:
                 return existing
@@ -383,35 +468,45 @@ class MessageRepository(_Repository):
             conversation_id: int | None = None
             # Some events (e.g. group-chat changes) have no single sender to attach them to.
             if message.sender_id:
-                customer_id = await _upsert_customer(
-                    session, channel, message.sender_id, stamped, customer_authored=customer_authored
+                # A servicer's or system message creates the customer but does not count as the customer being seen.
+                upsert = sql.customer_seen if customer_authored else sql.customer_created
+                customer_id = int(
+                    (
+                        await session.execute(
+                            upsert, {"channel": channel, "external_id": message.sender_id, "seen_at": stamped}
+                        )
+                    ).scalar_one()
                 )
                 # Only what the customer wrote opens WeCom's reply window; events and servicer lines do not.
                 inbound_at = stamped if customer_authored and message.msgtype != "event" else None
-                conversation_id = await _open_conversation(
-                    session, channel, message.account_id, customer_id, now, inbound_at
+                conversation_id = int(
+                    (
+                        await session.execute(
+                            sql.conversation,
+                            {
+                                "channel": channel,
+                                "account_id": message.account_id,
+                                "customer_id": customer_id,
+                                "now": now,
+                                "inbound_at": inbound_at,
+                            },
+                        )
+                    ).scalar_one()
                 )
-            stmt = (
-                _insert(session, Message)
-                .values(
-                    channel=channel,
-                    wecom_msgid=message.msgid,
-                    direction=Direction.IN.value,
-                    customer_id=customer_id,
-                    conversation_id=conversation_id,
-                    account_id=message.account_id,
-                    msgtype=message.msgtype,
-                    text=message.text,
-                    payload=self._inbound_payload(message),
-                    origin=message.origin,
-                    status=MessageStatus.RECEIVED.value,
-                    created_at=stamped,
-                    received_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=[Message.channel, Message.wecom_msgid])
-                .returning(Message.id)
-            )
-            new_id = (await session.execute(stmt)).scalar_one_or_none()
+            values = {
+                "channel": channel,
+                "msgid": message.msgid,
+                "customer_id": customer_id,
+                "conversation_id": conversation_id,
+                "account_id": message.account_id,
+                "msgtype": message.msgtype,
+                "text": message.text,
+                "payload": self._inbound_payload(message),
+                "origin": message.origin,
+                "created_at": stamped,
+                "now": now,
+            }
+            new_id = (await session.execute(sql.message, values)).scalar_one_or_none()
             if new_id is None:
                 # Another worker inserted it between our check and our insert (PostgreSQL READ COMMITTED).
                 raced = await self._find_inbound(session, channel, message.msgid)
@@ -428,10 +523,8 @@ class MessageRepository(_Repository):
 
     @staticmethod
     async def _find_inbound(session: AsyncSession, channel: str, msgid: str) -> InboundRecord | None:
-        stmt = select(Message.id, Message.status, Message.customer_id, Message.conversation_id).where(
-            Message.channel == channel, Message.wecom_msgid == msgid
-        )
-        row = (await session.execute(stmt)).one_or_none()
+        sql = _inbound_sql(session.get_bind().dialect.name)
+        row = (await session.execute(sql.find, {"channel": channel, "msgid": msgid})).one_or_none()
         if row is None:
             return None
         return InboundRecord(
@@ -488,9 +581,7 @@ class MessageRepository(_Repository):
                 select(Customer.id).where(Customer.channel == channel, Customer.external_id == outbound.to)
             )
             if conversation_id is None and customer_id is not None:
-                conversation_id = await _active_conversation_id(
-                    session, channel, outbound.account_id, customer_id
-                )
+                conversation_id = await _active_conversation_id(session, channel, outbound.account_id, customer_id)
             return await _insert_outbound(
                 session,
                 channel=channel,
@@ -512,10 +603,7 @@ class MessageRepository(_Repository):
     async def conversation_messages(self, conversation_id: int, *, limit: int = 50) -> list[MessageRecord]:
         """The newest `limit` messages of a conversation, oldest first."""
         stmt = (
-            select(Message)
-            .where(Message.conversation_id == conversation_id)
-            .order_by(Message.id.desc())
-            .limit(limit)
+            select(Message).where(Message.conversation_id == conversation_id).order_by(Message.id.desc()).limit(limit)
         )
         async with self._sessions() as session:
             rows = (await session.scalars(stmt)).all()
@@ -711,9 +799,7 @@ class ConversationRepository(_Repository):
         if not values:
             return
         async with self._sessions.begin() as session:
-            result = await session.execute(
-                update(Customer).where(Customer.id == customer_id).values(**values)
-            )
+            result = await session.execute(update(Customer).where(Customer.id == customer_id).values(**values))
             if _rowcount(result) == 0:
                 raise LookupError(f"no customer with id {customer_id}")
 
@@ -729,9 +815,7 @@ class KfCursorRepository(_Repository):
     async def save_cursor(self, open_kfid: str, cursor: str) -> None:
         """Insert or replace the account's cursor."""
         async with self._sessions.begin() as session:
-            stmt = _insert(session, KfCursor).values(
-                open_kfid=open_kfid, cursor=cursor, updated_at=self._now()
-            )
+            stmt = _insert(session, KfCursor).values(open_kfid=open_kfid, cursor=cursor, updated_at=self._now())
             upsert = stmt.on_conflict_do_update(
                 index_elements=[KfCursor.open_kfid],
                 set_={"cursor": stmt.excluded.cursor, "updated_at": stmt.excluded.updated_at},
@@ -832,9 +916,7 @@ class AnswerRepository(_Repository):
     async def answers_for(self, inbound_message_id: int) -> list[AnswerRecord]:
         """The answer(s) recorded for one inbound message."""
         stmt = (
-            select(ScriptAnswer)
-            .where(ScriptAnswer.inbound_message_id == inbound_message_id)
-            .order_by(ScriptAnswer.id)
+            select(ScriptAnswer).where(ScriptAnswer.inbound_message_id == inbound_message_id).order_by(ScriptAnswer.id)
         )
         async with self._sessions() as session:
             return [_answer_record(row) for row in (await session.scalars(stmt)).all()]
