@@ -7,12 +7,14 @@ NOTHING on their unique key (both backends), so an event is written once however
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, func, or_, select, update
+from sqlalchemy import Boolean, Float, String, bindparam, case, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage.models import (
@@ -31,7 +33,6 @@ from bot.storage.models import (
 )
 from bot.storage.repositories import (
     OutboxRecord,
-    _insert,
     _insert_outbound,
     _outbox_record,
     _Repository,
@@ -566,67 +567,99 @@ def _clock(row: SlaClockRow) -> SlaClock:
     )
 
 
-async def _save_clock(session: AsyncSession, clock: SlaClock) -> None:
-    stmt = _insert(session, SlaClockRow).values(
-        conversation_id=int(clock.conversation_id),
-        kind=clock.kind.value,
-        cycle=clock.cycle,
-        policy_id=clock.policy_id,
-        target_seconds=clock.target_seconds,
-        started_at=clock.started_at,
-        ladder=[[r.kind.value, r.level, r.at] for r in clock.ladder],
-        reached=clock.reached,
-        status=clock.status.value,
-        next_deadline=clock.next_deadline,
-        ended_at=clock.ended_at,
+@dataclass(frozen=True, slots=True)
+class _SlaSql:
+    """The SLA upserts, built once per dialect with bind parameters (every handoff and sweep runs them)."""
+
+    save_clock: Any
+    record_event: Any
+
+
+@functools.cache
+def _sla_sql(dialect: str) -> _SlaSql:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    clocks, events = table(SlaClockRow), table(SlaEventRow)
+    clock = insert(clocks).values(
+        conversation_id=bindparam("b_conversation_id"),
+        kind=bindparam("b_kind"),
+        cycle=bindparam("b_cycle"),
+        policy_id=bindparam("b_policy_id"),
+        target_seconds=bindparam("b_target_seconds"),
+        started_at=bindparam("b_started_at"),
+        ladder=bindparam("b_ladder", type_=clocks.c.ladder.type),
+        reached=bindparam("b_reached"),
+        status=bindparam("b_status"),
+        next_deadline=bindparam("b_next_deadline", type_=Float),
+        ended_at=bindparam("b_ended_at", type_=Float),
     )
-    ex = stmt.excluded
-    newer = ex.reached >= SlaClockRow.reached
-    await session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[SlaClockRow.conversation_id, SlaClockRow.kind, SlaClockRow.cycle],
-            set_={
-                "status": ex.status,
-                "ended_at": ex.ended_at,
-                "reached": case((newer, ex.reached), else_=SlaClockRow.reached),
-                "next_deadline": case(
-                    (ex.status != ClockStatus.RUNNING.value, None),
-                    (newer, ex.next_deadline),
-                    else_=SlaClockRow.next_deadline,
-                ),
-            },
+    ex, c = clock.excluded, clocks.c
+    newer = ex.reached >= c.reached  # `reached` never goes back: a sweep may have advanced it meanwhile
+    save_clock = clock.on_conflict_do_update(
+        index_elements=[c.conversation_id, c.kind, c.cycle],
+        set_={
+            "status": ex.status,
+            "ended_at": ex.ended_at,
+            "reached": case((newer, ex.reached), else_=c.reached),
+            "next_deadline": case(
+                (ex.status != ClockStatus.RUNNING.value, None),
+                (newer, ex.next_deadline),
+                else_=c.next_deadline,
+            ),
+        },
+    )
+    e = events.c
+    record_event = (
+        insert(events)
+        .values(
+            conversation_id=bindparam("b_conversation_id"),
+            clock=bindparam("b_clock"),
+            cycle=bindparam("b_cycle"),
+            kind=bindparam("b_kind"),
+            level=bindparam("b_level"),
+            at=bindparam("b_at"),
+            due_at=bindparam("b_due_at"),
+            met=bindparam("b_met", type_=Boolean),
+            recorded_at=bindparam("b_now"),
         )
+        .on_conflict_do_nothing(index_elements=[e.conversation_id, e.clock, e.cycle, e.kind, e.level])
+        .returning(e.id)
     )
+    return _SlaSql(save_clock=save_clock, record_event=record_event)
+
+
+async def _save_clock(session: AsyncSession, clock: SlaClock) -> None:
+    params = {
+        "b_conversation_id": int(clock.conversation_id),
+        "b_kind": clock.kind.value,
+        "b_cycle": clock.cycle,
+        "b_policy_id": clock.policy_id,
+        "b_target_seconds": clock.target_seconds,
+        "b_started_at": clock.started_at,
+        "b_ladder": [[r.kind.value, r.level, r.at] for r in clock.ladder],
+        "b_reached": clock.reached,
+        "b_status": clock.status.value,
+        "b_next_deadline": clock.next_deadline,
+        "b_ended_at": clock.ended_at,
+    }
+    await session.execute(_sla_sql(session.get_bind().dialect.name).save_clock, params)
 
 
 async def _record_events(session: AsyncSession, events: Iterable[SlaEvent], now: datetime) -> list[SlaEvent]:
+    statement = _sla_sql(session.get_bind().dialect.name).record_event
     written: list[SlaEvent] = []
     for event in events:
-        stmt = (
-            _insert(session, SlaEventRow)
-            .values(
-                conversation_id=int(event.conversation_id),
-                clock=event.clock.value,
-                cycle=event.cycle,
-                kind=event.kind.value,
-                level=event.level,
-                at=event.at,
-                due_at=event.due_at,
-                met=event.met,
-                recorded_at=now,
-            )
-            .on_conflict_do_nothing(
-                index_elements=[
-                    SlaEventRow.conversation_id,
-                    SlaEventRow.clock,
-                    SlaEventRow.cycle,
-                    SlaEventRow.kind,
-                    SlaEventRow.level,
-                ]
-            )
-            .returning(SlaEventRow.id)
-        )
-        if (await session.execute(stmt)).scalar_one_or_none() is not None:
+        params = {
+            "b_conversation_id": int(event.conversation_id),
+            "b_clock": event.clock.value,
+            "b_cycle": event.cycle,
+            "b_kind": event.kind.value,
+            "b_level": event.level,
+            "b_at": event.at,
+            "b_due_at": event.due_at,
+            "b_met": event.met,
+            "b_now": now,
+        }
+        if (await session.execute(statement, params)).scalar_one_or_none() is not None:
             written.append(event)
     return written
 

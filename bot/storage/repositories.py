@@ -12,7 +12,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Result, Table, bindparam, case, func, literal, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Result,
+    String,
+    Table,
+    bindparam,
+    case,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
@@ -261,6 +274,24 @@ class _Repository:
 def table(model: type[Any]) -> Table:
     """The Core table of a mapped class: statements on it skip the ORM's per-execution layers."""
     return cast(Table, model.__table__)
+
+
+_ANSWERS = table(ScriptAnswer).c
+_LAST_SENT = (
+    select(_ANSWERS.script_id, func.max(_ANSWERS.answered_at))
+    .where(_ANSWERS.customer_id == bindparam("b_customer_id"), _ANSWERS.status == AnswerStatus.SENT.value)
+    .group_by(_ANSWERS.script_id)
+)
+_MESSAGES = table(Message).c
+_SET_MESSAGE_STATUS = (
+    update(table(Message))
+    .where(_MESSAGES.id == bindparam("b_message_id"))
+    .values(
+        status=bindparam("b_status"),
+        handled_at=bindparam("b_handled_at", type_=UTCDateTime()),
+        handler=func.coalesce(bindparam("b_handler", type_=String), _MESSAGES.handler),  # None keeps the name
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,14 +586,14 @@ class MessageRepository(_Repository):
         await self._set_status(message_id, status, None)
 
     async def _set_status(self, message_id: int, status: MessageStatus, handler_name: str | None) -> None:
-        values: dict[str, Any] = {
-            "status": status.value,
-            "handled_at": self._now() if status in _TERMINAL_STATUSES else None,
+        params = {
+            "b_message_id": message_id,
+            "b_status": status.value,
+            "b_handled_at": self._now() if status in _TERMINAL_STATUSES else None,
+            "b_handler": handler_name,
         }
-        if handler_name is not None:
-            values["handler"] = handler_name
         async with self._sessions.begin() as session:
-            result = await session.execute(update(Message).where(Message.id == message_id).values(**values))
+            result = await session.execute(_SET_MESSAGE_STATUS, params)
             if _rowcount(result) == 0:
                 raise LookupError(f"no message with id {message_id}")
 
@@ -898,13 +929,8 @@ class AnswerRepository(_Repository):
 
     async def last_sent_times(self, customer_id: int) -> dict[str, float]:
         """When each script was last sent to a customer (unix seconds), for cooldowns."""
-        stmt = (
-            select(ScriptAnswer.script_id, func.max(ScriptAnswer.answered_at))
-            .where(ScriptAnswer.customer_id == customer_id, ScriptAnswer.status == AnswerStatus.SENT.value)
-            .group_by(ScriptAnswer.script_id)
-        )
         async with self._sessions() as session:
-            rows = (await session.execute(stmt)).all()
+            rows = (await session.execute(_LAST_SENT, {"b_customer_id": customer_id})).all()
         return {script_id: _as_utc(at).timestamp() for script_id, at in rows if at is not None}
 
     async def answers_for_customer(self, customer_id: int) -> list[AnswerRecord]:

@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, delete, exists, func, or_, select
+from sqlalchemy import ColumnElement, bindparam, delete, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
 
 from bot.storage.models import Customer, CustomerTag, Direction, Message, Order
-from bot.storage.repositories import _insert
+from bot.storage.repositories import _insert, table
 from handlers.domain import Channel, Clock, KfOrigin, SystemClock
 from handlers.tags import CustomerFacts, PaidOrder, TagConfig, TagSource, computed_tags
 
@@ -29,7 +29,16 @@ MAX_TAG_CHARS = 64
 _CHUNK = 500  # rows per statement: well under SQLite's and asyncpg's bind-parameter limits
 
 
+# Read on every message: built once, with a bind parameter (see repositories._InboundSql for why).
+_TAG_COLUMNS = table(CustomerTag).c
+_TAGS = select(_TAG_COLUMNS.tag).where(_TAG_COLUMNS.customer_id == bindparam("b_customer_id")).distinct()
+_TAGS_BY_SOURCE = select(_TAG_COLUMNS.source, _TAG_COLUMNS.tag).where(
+    _TAG_COLUMNS.customer_id == bindparam("b_customer_id")
+)
+
+
 @dataclass(frozen=True, slots=True)
+
 class OrderRow:
     """One validated order to import; line is where it came from, for reports."""
 
@@ -233,16 +242,14 @@ class TagRepository:
 
     async def customer_tags(self, customer_id: int) -> frozenset[str]:
         """All tags of a customer, from every source, deduplicated."""
-        stmt = select(CustomerTag.tag).where(CustomerTag.customer_id == customer_id).distinct()
         async with self._sessions() as session:
-            return frozenset((await session.execute(stmt)).scalars().all())
+            return frozenset((await session.execute(_TAGS, {"b_customer_id": customer_id})).scalars().all())
 
     async def tags_by_source(self, customer_id: int) -> dict[TagSource, frozenset[str]]:
         """A customer's tags per source (sources without tags are left out)."""
-        stmt = select(CustomerTag.source, CustomerTag.tag).where(CustomerTag.customer_id == customer_id)
         result: dict[TagSource, set[str]] = {}
         async with self._sessions() as session:
-            for source, tag in (await session.execute(stmt)).all():
+            for source, tag in (await session.execute(_TAGS_BY_SOURCE, {"b_customer_id": customer_id})).all():
                 result.setdefault(TagSource(source), set()).add(tag)
         return {source: frozenset(tags) for source, tags in result.items()}
 
