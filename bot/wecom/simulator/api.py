@@ -618,6 +618,7 @@ async def kf_service_state_trans(request: web.Request, state: SimulatorState) ->
             raise ApiError(KF_SERVICER_STOPPED, "servicer is stopped or suspended")
     session.state = target
     session.servicer_userid = servicer
+    state.kf_transitions.append((state.now(), open_kfid, external_userid, target, servicer))
     code = None
     if target in (KF_SESSION_QUEUE, KF_SESSION_HUMAN) and target not in session.code_states:
         session.code_states.add(target)

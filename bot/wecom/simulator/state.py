@@ -292,6 +292,8 @@ class SimulatorState:
         self.sent: list[SentRecord] = []
         self._sent_changed = asyncio.Event()
         self.calls: list[ApiCall] = []
+        # Every accepted kf service_state/trans: (time, open_kfid, external_userid, new state, servicer_userid).
+        self.kf_transitions: list[tuple[float, str, str, int, str]] = []
         self.faults: list[Fault] = []
         # API requests currently being answered (held by a delay fault, say); tests wait for zero.
         self.in_flight = 0
