@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Boolean, Float, String, bindparam, case, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage.models import (
@@ -37,6 +36,8 @@ from bot.storage.repositories import (
     _outbox_record,
     _Repository,
     _rowcount,
+    binds,
+    insert_for,
     table,
 )
 from handlers.domain import Channel
@@ -577,18 +578,12 @@ class _SlaSql:
 
 @functools.cache
 def _sla_sql(dialect: str) -> _SlaSql:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(dialect)
     clocks, events = table(SlaClockRow), table(SlaEventRow)
     clock = insert(clocks).values(
-        conversation_id=bindparam("b_conversation_id"),
-        kind=bindparam("b_kind"),
-        cycle=bindparam("b_cycle"),
-        policy_id=bindparam("b_policy_id"),
-        target_seconds=bindparam("b_target_seconds"),
-        started_at=bindparam("b_started_at"),
+        **binds("conversation_id", "kind", "cycle", "policy_id", "target_seconds", "started_at", prefix="b_"),
+        **binds("reached", "status", prefix="b_"),
         ladder=bindparam("b_ladder", type_=clocks.c.ladder.type),
-        reached=bindparam("b_reached"),
-        status=bindparam("b_status"),
         next_deadline=bindparam("b_next_deadline", type_=Float),
         ended_at=bindparam("b_ended_at", type_=Float),
     )
@@ -611,13 +606,7 @@ def _sla_sql(dialect: str) -> _SlaSql:
     record_event = (
         insert(events)
         .values(
-            conversation_id=bindparam("b_conversation_id"),
-            clock=bindparam("b_clock"),
-            cycle=bindparam("b_cycle"),
-            kind=bindparam("b_kind"),
-            level=bindparam("b_level"),
-            at=bindparam("b_at"),
-            due_at=bindparam("b_due_at"),
+            **binds("conversation_id", "clock", "cycle", "kind", "level", "at", "due_at", prefix="b_"),
             met=bindparam("b_met", type_=Boolean),
             recorded_at=bindparam("b_now"),
         )

@@ -271,6 +271,16 @@ class _Repository:
         return datetime.fromtimestamp(self._clock.now(), UTC)
 
 
+def insert_for(dialect: str) -> Any:
+    """The dialect's insert(), whose statements spell upserts (ON CONFLICT ...) the same way on both backends."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def binds(*columns: str, prefix: str = "") -> dict[str, Any]:
+    """`column=bindparam(prefix + column)` for each column: the values of a statement built once, bound per call."""
+    return {column: bindparam(prefix + column) for column in columns}
+
+
 def table(model: type[Any]) -> Table:
     """The Core table of a mapped class: statements on it skip the ORM's per-execution layers."""
     return cast(Table, model.__table__)
@@ -312,7 +322,7 @@ class _InboundSql:
 
 @functools.cache
 def _inbound_sql(dialect: str) -> _InboundSql:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = insert_for(dialect)
     messages, customers, conversations = table(Message).c, table(Customer).c, table(Conversation).c
     find = select(messages.id, messages.status, messages.customer_id, messages.conversation_id).where(
         messages.channel == bindparam("channel"), messages.wecom_msgid == bindparam("msgid")
@@ -333,25 +343,16 @@ def _inbound_sql(dialect: str) -> _InboundSql:
         ).returning(customers.id)
 
     conversation = insert(table(Conversation)).values(
-        channel=bindparam("channel"),
-        account_id=bindparam("account_id"),
-        customer_id=bindparam("customer_id"),
+        **binds("channel", "account_id", "customer_id"),
         status=ConversationStatus.BOT.value,
         opened_at=bindparam("now"),
         updated_at=bindparam("now"),
         last_inbound_at=bindparam("inbound_at"),
     )
     message = insert(table(Message)).values(
-        channel=bindparam("channel"),
+        **binds("channel", "customer_id", "conversation_id", "account_id", "msgtype", "text", "payload", "origin"),
         wecom_msgid=bindparam("msgid"),
         direction=Direction.IN.value,
-        customer_id=bindparam("customer_id"),
-        conversation_id=bindparam("conversation_id"),
-        account_id=bindparam("account_id"),
-        msgtype=bindparam("msgtype"),
-        text=bindparam("text"),
-        payload=bindparam("payload"),
-        origin=bindparam("origin"),
         status=MessageStatus.RECEIVED.value,
         created_at=bindparam("created_at"),
         received_at=bindparam("now"),
@@ -372,59 +373,6 @@ def _inbound_sql(dialect: str) -> _InboundSql:
             messages.id
         ),
     )
-
-
-async def _upsert_customer(
-    session: AsyncSession, channel: str, external_id: str, seen_at: datetime, *, customer_authored: bool
-) -> int:
-    stmt = _insert(session, Customer).values(
-        channel=channel,
-        external_id=external_id,
-        corp_tag_ids=[],
-        first_seen_at=seen_at,
-        last_seen_at=seen_at,
-    )
-    excluded = stmt.excluded
-    # A servicer's or system message creates the customer but does not count as the customer being seen.
-    last_seen: ColumnElement[Any] | InstrumentedAttribute[Any] = Customer.last_seen_at
-    if customer_authored:
-        last_seen = _later(excluded.last_seen_at, Customer.last_seen_at)
-    upsert = stmt.on_conflict_do_update(
-        index_elements=[Customer.channel, Customer.external_id],
-        set_={
-            "first_seen_at": _earlier(excluded.first_seen_at, Customer.first_seen_at),
-            "last_seen_at": last_seen,
-        },
-    ).returning(Customer.id)
-    return int((await session.execute(upsert)).scalar_one())
-
-
-async def _open_conversation(
-    session: AsyncSession,
-    channel: str,
-    account_id: str,
-    customer_id: int,
-    now: datetime,
-    last_inbound_at: datetime | None,
-) -> int:
-    stmt = _insert(session, Conversation).values(
-        channel=channel,
-        account_id=account_id,
-        customer_id=customer_id,
-        status=ConversationStatus.BOT.value,
-        opened_at=now,
-        updated_at=now,
-        last_inbound_at=last_inbound_at,
-    )
-    upsert = stmt.on_conflict_do_update(
-        index_elements=[Conversation.channel, Conversation.account_id, Conversation.customer_id],
-        index_where=_ACTIVE_CONVERSATION,
-        set_={
-            "updated_at": stmt.excluded.updated_at,
-            "last_inbound_at": _later(stmt.excluded.last_inbound_at, Conversation.last_inbound_at),
-        },
-    ).returning(Conversation.id)
-    return int((await session.execute(upsert)).scalar_one())
 
 
 async def _active_conversation_id(session: AsyncSession, channel: str, account_id: str, customer_id: int) -> int | None:
