@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
 
-from bot.app import build_dispatcher, open_services
+from bot.app import build_dispatcher
 from bot.handoff import KF_REPLY_IN_WECOM, Conflict, HandoffService, Refused
 from bot.outbound import WeComSender
 from bot.pipeline import QUIET_HANDLER, Pipeline
@@ -28,26 +27,17 @@ from bot.storage.models import ConversationStatus, MessageStatus, StaffRole
 from bot.support_config import SupportConfig, SupportConfigError, load_support_config, parse_support_config
 from bot.wecom.parse import kf_message_to_inbound
 from bot.wecom.simulator import (
-    SIM_STATE,
-    ManualClock,
-    SimulatorConfig,
-    create_simulator,
     push_kf_customer_message,
     push_kf_event,
     push_kf_servicer_message,
 )
 from handlers.routing import Presence, TransferRefusal, TransferRefused
 from tests.conftest import (
-    TEST_AES_KEY,
-    TEST_AGENT_ID,
-    TEST_CORP_ID,
     TEST_KF_SECRET,
     TEST_SECRET,
-    TEST_TOKEN,
     Backend,
-    make_settings,
 )
-from tests.test_kf_sync import KFID, Harness, callback_token
+from tests.test_kf_sync import KFID, Harness, callback_token, open_harness
 
 MEMBERS = ("zhangsan", "lisi", "wangwu", "boss")
 # ManualClock starts at 1_700_000_000: Wednesday 2023-11-15 06:13:20 in Asia/Shanghai.
@@ -152,52 +142,28 @@ class Desk:
 
 @contextlib.asynccontextmanager
 async def open_desk(backend: Backend, support: SupportConfig = ALWAYS) -> AsyncIterator[Desk]:
-    clock = ManualClock()
-    sim_config = SimulatorConfig(
-        corp_id=TEST_CORP_ID,
-        agent_id=TEST_AGENT_ID,
-        token=TEST_TOKEN,
-        aes_key=TEST_AES_KEY,
-        secrets={TEST_SECRET: "app", TEST_KF_SECRET: "kf"},
-        callback_url=None,
-        kf_accounts=(KFID,),
-        members=MEMBERS,
-    )
-    sim_app = create_simulator(sim_config, clock)
-    server = TestServer(sim_app, host="127.0.0.1")
-    await server.start_server()
-    settings = make_settings(
-        backend,
-        wecom_api_base=str(server.make_url("")).rstrip("/"),
-        queue_partitions=4,
-        auto_migrate=True,
-        api_max_retries=0,
-    )
-    try:
-        async with open_services(settings, clock=clock) as services:
-            h = Harness(sim=sim_app[SIM_STATE], clock=clock, services=services, backend=backend)
-            sessions = create_session_factory(services.engine)
-            repo = HandoffRepository(sessions, clock)
-            events = RecordedEvents()
-            kf = h.client(TEST_KF_SECRET)
-            sender = WeComSender(h.client(TEST_SECRET), kf, services.settings.wecom_agent_id)
-            service = HandoffService(
-                services.repos,
-                repo,
-                SlaStore(SlaRepository(sessions, clock), support),
-                support,
-                kf,
-                sender,
-                clock,
-                console_base_url="https://bot.example.com",
-                events=events,
-            )
-            pipeline = Pipeline(
-                services.repos, build_dispatcher(), sender, h.puller(), clock, scripts=services.scripts, handoff=service
-            )
-            yield Desk(h, service, pipeline, repo, SlaSweeper(service, clock), events)
-    finally:
-        await server.close()
+    async with open_harness(backend, members=MEMBERS) as h:
+        services, clock = h.services, h.clock
+        sessions = create_session_factory(services.engine)
+        repo = HandoffRepository(sessions, clock)
+        events = RecordedEvents()
+        kf = h.client(TEST_KF_SECRET)
+        sender = WeComSender(h.client(TEST_SECRET), kf, services.settings.wecom_agent_id)
+        service = HandoffService(
+            services.repos,
+            repo,
+            SlaStore(SlaRepository(sessions, clock), support),
+            support,
+            kf,
+            sender,
+            clock,
+            console_base_url="https://bot.example.com",
+            events=events,
+        )
+        pipeline = Pipeline(
+            services.repos, build_dispatcher(), sender, h.puller(), clock, scripts=services.scripts, handoff=service
+        )
+        yield Desk(h, service, pipeline, repo, SlaSweeper(service, clock), events)
 
 
 @pytest.fixture

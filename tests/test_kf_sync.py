@@ -251,7 +251,10 @@ def _text(value: Any) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_harness(backend: Backend, kf_accounts: tuple[str, ...] = (KFID,)) -> AsyncIterator[Harness]:
+async def open_harness(
+    backend: Backend, kf_accounts: tuple[str, ...] = (KFID,), members: tuple[str, ...] | None = None
+) -> AsyncIterator[Harness]:
+    """The simulator (on a manual clock) and the bot's services pointed at it; `members`: the corp's members."""
     clock = ManualClock()
     config = SimulatorConfig(
         corp_id=TEST_CORP_ID,
@@ -261,6 +264,7 @@ async def open_harness(backend: Backend, kf_accounts: tuple[str, ...] = (KFID,))
         secrets={TEST_SECRET: "app", TEST_KF_SECRET: "kf"},
         callback_url=None,  # the tests play the ingress themselves: no callback is POSTed anywhere
         kf_accounts=kf_accounts,
+        **({"members": members} if members is not None else {}),
     )
     sim_app = create_simulator(config, clock)
     server = TestServer(sim_app, host="127.0.0.1")
