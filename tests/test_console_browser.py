@@ -13,7 +13,7 @@ import contextlib
 import re
 import socket
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ from bot.storage.models import StaffRole
 from tests.conftest import Backend, make_settings
 from tests.test_console import PASSWORD, SUPPORT, add_staff, seed_conversation, set_assignee
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
-from tests.thread_server import in_thread, listening
+from tests.thread_server import LoopCalls, in_thread, listening
 
 pytestmark = pytest.mark.slow
 
@@ -62,16 +62,10 @@ class ClaimingActions:
 
 
 @dataclass
-class ThreadServer:
+class ThreadServer(LoopCalls):
     loop: asyncio.AbstractEventLoop
     services: Services
     base_url: str
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +32,7 @@ from tests.test_console import PASSWORD, PASSWORD_HASH, Browser
 from tests.test_console_browser import _free_port, remaining_seconds
 from tests.test_handoff import Desk, open_desk
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
-from tests.thread_server import in_thread, listening
+from tests.thread_server import LoopCalls, in_thread, listening
 
 T = TypeVar("T")
 STEP_TIMEOUT_MS = 15_000
@@ -132,16 +132,10 @@ async def test_presence_toggle_and_agent_picker_are_validated_audited_and_drain_
 
 
 @dataclass
-class FlowServer:
+class FlowServer(LoopCalls):
     loop: asyncio.AbstractEventLoop
     desk: Desk
     base_url: str
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
 
 
 @contextlib.contextmanager

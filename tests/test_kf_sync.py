@@ -288,6 +288,19 @@ async def open_harness(
         await server.close()
 
 
+def callback_entry(plaintext: str) -> QueueEntry:
+    """A queue entry for a callback's decrypted XML, as the ingress writes it (for handing to the pipeline)."""
+    return QueueEntry(
+        partition=0,
+        entry_id="0-1",
+        kind="callback",
+        payload={"xml": plaintext, "received_at": 0.0},
+        dedupe_key="test",
+        attempts=0,
+        enqueued_at=0.0,
+    )
+
+
 def callback_token(delivery: CallbackDelivery) -> str:
     """The Token of a kf_msg_or_event callback, as the ingress takes it from the decrypted XML."""
     token = parse_plaintext(delivery.plaintext).get_text("Token")

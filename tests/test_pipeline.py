@@ -31,7 +31,7 @@ from handlers.dispatcher import Dispatcher
 from handlers.domain import Channel, HandlerContext, HandlerResult, InboundMessage, OutboundMessage
 from tests.conftest import TEST_AGENT_ID, TEST_SECRET, Backend
 from tests.scripts_expect import event_replies, scripted_replies
-from tests.test_kf_sync import KFID, Harness, callback_token, open_harness
+from tests.test_kf_sync import KFID, Harness, callback_entry, callback_token, open_harness
 
 SEND_PATH = "/cgi-bin/kf/send_msg"
 
@@ -442,21 +442,9 @@ class RecordingAppApi:
         return result
 
 
-def _callback_entry(plaintext: str) -> QueueEntry:
-    return QueueEntry(
-        partition=0,
-        entry_id="0-1",
-        kind="callback",
-        payload={"xml": plaintext, "received_at": 0.0},
-        dedupe_key="test",
-        attempts=0,
-        enqueued_at=0.0,
-    )
-
-
 async def test_app_message_resend_uses_the_duplicate_check(h: Harness) -> None:
     _msgid, delivery = push_app_message(h.sim, "zhangsan", "测试")
-    entry = _callback_entry(delivery.plaintext)
+    entry = callback_entry(delivery.plaintext)
     app_api = RecordingAppApi(h.client(TEST_SECRET))
     repos = h.services.repos
     flaky = MarkSentCrashes(repos.outbox)
@@ -496,5 +484,5 @@ async def test_two_staff_messages_get_two_acknowledgements(h: Harness) -> None:
     pipeline = h.pipeline()
     for text in ("第一条", "第二条"):
         _msgid, delivery = push_app_message(h.sim, "lisi", text)
-        await pipeline.process(_callback_entry(delivery.plaintext))
+        await pipeline.process(callback_entry(delivery.plaintext))
     assert [s.status for s in h.sim.sent_after(0, "lisi")] == ["delivered", "delivered"]

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from scripts_library import choose_variant, render
 from tests.conftest import TEST_AES_KEY, TEST_AGENT_ID, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN, Backend, make_settings
 from tests.test_console_browser import _free_port
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
-from tests.thread_server import in_thread, listening
+from tests.thread_server import LoopCalls, in_thread, listening
 
 pytestmark = pytest.mark.slow
 
@@ -73,18 +73,12 @@ STUB_SDK = """
 
 
 @dataclass
-class ThreadServer:
+class ThreadServer(LoopCalls):
     loop: asyncio.AbstractEventLoop
     services: Services
     sim: SimulatorState
     base_url: str
     oauth_requests: list[tuple[str, str, str]]
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
 
 
 async def _stub_sdk(request: web.Request) -> web.Response:

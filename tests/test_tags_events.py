@@ -28,7 +28,7 @@ from handlers.domain import Channel, InboundMessage, KfOrigin, OutboundMessage
 from handlers.tags import TagConfig, TagSource, recompute_due_on_inbound
 from scheduler.jobs import recompute_tags_job
 from tests.conftest import Backend
-from tests.test_kf_sync import KFID, Harness, callback_token, open_harness
+from tests.test_kf_sync import KFID, Harness, callback_entry, callback_token, open_harness
 from tests.test_scripted_e2e import rendered
 
 DAY = 86_400.0
@@ -212,18 +212,6 @@ async def test_the_contact_row_of_the_same_person_is_recomputed_too(h: Harness) 
 
 
 # ------------------------------------------------------------------------------ contact added
-
-
-def callback_entry(plaintext: str) -> QueueEntry:
-    return QueueEntry(
-        partition=0,
-        entry_id="0-1",
-        kind="callback",
-        payload={"xml": plaintext, "received_at": 0.0},
-        dedupe_key="test",
-        attempts=0,
-        enqueued_at=0.0,
-    )
 
 
 async def test_contact_added_is_a_new_user_before_the_welcome_is_chosen(h: Harness) -> None:

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 T = TypeVar("T")
+
+
+class LoopCalls:
+    """What a test does with a server running in a thread: run a coroutine on its loop, build its URLs."""
+
+    loop: asyncio.AbstractEventLoop
+    base_url: str
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
 
 
 @asynccontextmanager
