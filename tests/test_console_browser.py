@@ -61,6 +61,32 @@ class ClaimingActions:
         return ActionResult.refused("not in this test", "not_wired")
 
 
+def open_pages(browser: Any, count: int, problems: list[str], *, height: int) -> list[Any]:
+    """Pages in separate contexts (separate sessions); console errors and page errors go into `problems`."""
+    pages = []
+    for _ in range(count):
+        context = browser.new_context(locale="zh-CN", viewport={"width": 1000, "height": height})
+        page = context.new_page()
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        pages.append(page)
+    return pages
+
+
+def console_login(page: Any, server: LoopCalls, username: str) -> None:
+    """Sign in through the login form and wait until the inbox's live stream is up."""
+    from playwright.sync_api import expect
+
+    page.goto(server.url("/console/inbox"))  # not signed in: sent to the login form
+    expect(page).to_have_title("登录 · 客服工作台")
+    page.get_by_label("用户名").fill(username)
+    page.get_by_label("密码").fill(PASSWORD)
+    page.get_by_role("button", name="登录").click()
+    expect(page).to_have_url(server.url("/console/inbox"))
+    expect(page.locator("body")).to_have_attribute("data-live", "1")  # the SSE stream is up
+
+
 @dataclass
 class ThreadServer(LoopCalls):
     loop: asyncio.AbstractEventLoop
@@ -115,25 +141,11 @@ def test_agent_sees_a_ticking_sla_and_a_claim_appears_live_elsewhere(chromium: s
         )
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
         try:
-            pages = []
-            for _ in range(2):
-                context = browser.new_context(locale="zh-CN", viewport={"width": 1000, "height": 700})
-                page = context.new_page()
-                page.set_default_timeout(STEP_TIMEOUT_MS)
-                page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-                pages.append(page)
-            first, second = pages
+            first, second = open_pages(browser, 2, problems, height=700)
             first.clock.install()  # the page's clock: moved on below instead of waiting
 
             def login(page: Any, username: str) -> None:
-                page.goto(server.url("/console/inbox"))  # not signed in: sent to the login form
-                expect(page).to_have_title("登录 · 客服工作台")
-                page.get_by_label("用户名").fill(username)
-                page.get_by_label("密码").fill(PASSWORD)
-                page.get_by_role("button", name="登录").click()
-                expect(page).to_have_url(server.url("/console/inbox"))
-                expect(page.locator("body")).to_have_attribute("data-live", "1")  # the SSE stream is up
+                console_login(page, server, username)
 
             login(first, "zhang")
             row = first.locator(f'#queue tbody tr[data-id="{conversation}"]')

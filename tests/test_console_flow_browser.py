@@ -28,8 +28,8 @@ from bot.storage.console_repository import ConsoleRepository
 from bot.storage.db import create_session_factory
 from bot.storage.models import ConversationStatus
 from tests.conftest import Backend
-from tests.test_console import PASSWORD, PASSWORD_HASH, Browser
-from tests.test_console_browser import _free_port, remaining_seconds
+from tests.test_console import PASSWORD_HASH, Browser
+from tests.test_console_browser import _free_port, console_login, open_pages, remaining_seconds
 from tests.test_handoff import Desk, open_desk
 from tests.test_sandbox_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (the fixture)
 from tests.thread_server import LoopCalls, in_thread, listening
@@ -169,25 +169,11 @@ def test_queue_go_online_reply_and_resolve_from_the_console(chromium: str, tmp_p
 
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
         try:
-            pages = []
-            for _ in range(2):
-                context = browser.new_context(locale="zh-CN", viewport={"width": 1000, "height": 800})
-                page = context.new_page()
-                page.set_default_timeout(STEP_TIMEOUT_MS)
-                page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-                pages.append(page)
-            first, second = pages
+            first, second = open_pages(browser, 2, problems, height=800)
             first.clock.install()
 
             def login(page: Any, username: str) -> None:
-                page.goto(server.url("/console/inbox"))
-                expect(page).to_have_title("登录 · 客服工作台")
-                page.get_by_label("用户名").fill(username)
-                page.get_by_label("密码").fill(PASSWORD)
-                page.get_by_role("button", name="登录").click()
-                expect(page).to_have_url(server.url("/console/inbox"))
-                expect(page.locator("body")).to_have_attribute("data-live", "1")
+                console_login(page, server, username)
 
             login(first, "zhang")
             row = first.locator(f'#queue tbody tr[data-id="{conversation}"]')
