@@ -459,6 +459,9 @@ JS = r"""
   if (replyText && replyKey) {
     replyText.addEventListener("input", function () { replyKey.value = newKey(); });
   }
+  var kept = null;
+  try { kept = sessionStorage.getItem("action-result"); sessionStorage.removeItem("action-result"); } catch (e) {}
+  if (kept && document.getElementById("action-result")) { document.getElementById("action-result").textContent = kept; }
   document.querySelectorAll("section.actions form").forEach(function (form) {
     form.addEventListener("submit", function (event) {
       event.preventDefault();
@@ -471,7 +474,11 @@ JS = r"""
         .then(function (result) {
           out.textContent = result.ok ? "已完成" : (result.message || "操作失败");
           out.className = result.ok ? "" : "error";
-          if (result.ok) { setTimeout(function () { location.reload(); }, 300); }
+          if (result.ok) {
+            // The page reloads to show the change; the confirmation is kept across it instead of vanishing.
+            try { sessionStorage.setItem("action-result", out.textContent); } catch (e) {}
+            setTimeout(function () { location.reload(); }, 300);
+          }
         })
         .catch(function () { out.textContent = "网络错误，请重试"; out.className = "error"; })
         .then(function () { if (button) { button.disabled = false; } });
