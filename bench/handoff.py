@@ -98,6 +98,8 @@ KFID = "wkBENCH000000001"
 LEAD = "lead"
 ASSIGNED_TITLE = "新的客户会话"
 BREACHED_TITLE = "SLA 已超时"
+DIGEST_ASSIGNED = "新会话"  # a digest line's kind (bot.handoff.DIGEST_KINDS)
+DIGEST_BREACHED = "已超时"
 HANDOFF_TEXT = "我要转人工"
 BASELINE_TEXT = "你好"
 FOLLOW_UPS = ("在吗？", "还在等", "订单号是 20261123001", "麻烦快一点", "好的")
@@ -708,6 +710,7 @@ async def measure(
     cards: dict[int, list[tuple[float, str, str]]] = defaultdict(list)  # conversation → (at, recipient, status)
     lead_cards: dict[int, float] = {}
     dropped_cards = Counter[str]()
+    digests = Counter[str]()
     for s in sim.sent[seq0:]:
         if s.api != "message/send":
             continue
@@ -720,6 +723,19 @@ async def measure(
             cards[conversation_id].append((s.at, s.recipient, s.status))
         elif title.startswith(BREACHED_TITLE) and s.recipient == LEAD:
             lead_cards.setdefault(conversation_id, s.at)
+        elif url.endswith(("/console/inbox", "/console/lead")):
+            # A digest (bot.member_cards): cards the member's WeCom budget held back, one line per conversation,
+            # "新会话｜<customer>" for an assignment, "已超时｜<customer>：…" for a breach.
+            digests["assignments" if "新的客户会话" in title else "sla"] += 1
+            for line in str(s.content.get("description", "")).split("\n"):
+                kind, _, rest = line.partition("｜")
+                row = conversations.get(rest.split("：", 1)[0])
+                if row is None:
+                    continue
+                if kind == DIGEST_ASSIGNED:
+                    cards[row[0]].append((s.at, s.recipient, s.status))
+                elif kind == DIGEST_BREACHED and s.recipient == LEAD:
+                    lead_cards.setdefault(row[0], s.at)
     from_push: list[float] = []
     from_handoff: list[float] = []
     not_notified: list[str] = []
@@ -812,6 +828,7 @@ async def measure(
     print(f"clocks still running ≥ {LAG_TARGET_S:g} s past their due time at the end: {overdue}")
     print(f"due clocks per sweep pass: p50 {pct(sweep_due, 50):.0f}, max {max(sweep_due, default=0)}")
     print(f"cards not delivered by WeCom (over 30/min per member, silently dropped): {dict(dropped_cards) or 'none'}")
+    print(f"digest cards (held back by the per-member budget, then sent together): {dict(digests) or 'none'}")
     print(
         f"CPU over the load: this process {cpu:.0f} s ({cpu / wall:.0%} of one core), "
         f"worker processes {workers_cpu:.0f} s, PostgreSQL {pg_cpu:.0f} s, "
@@ -881,6 +898,7 @@ async def measure(
         "throughput_per_s": throughput,
         "follow_ups": bench.follow_ups,
         "dropped_cards": dict(dropped_cards),
+        "digest_cards": dict(digests),
         "cpu_s": {
             "process": cpu,
             "worker_processes": workers_cpu,

@@ -28,6 +28,7 @@ from bot.csat import CsatService
 from bot.handoff import HandoffService
 from bot.ingress import callback_routes
 from bot.kf_sync import KfPuller
+from bot.member_cards import CardBudget
 from bot.metrics import Metrics
 from bot.ops import ops_routes
 from bot.outbound import WeComSender
@@ -45,6 +46,7 @@ from bot.storage.csat_repository import CsatRepository
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
 from bot.storage.handoff_repository import HandoffRepository, SlaRepository
 from bot.storage.repositories import Repositories
+from bot.storage.subscription_repository import SubscriptionRepository
 from bot.storage.tags_repository import TagRepository
 from bot.support_config import SupportConfig, SupportConfigError, load_support_config
 from bot.tag_sync import CorpTagSyncer
@@ -380,6 +382,7 @@ async def open_services(
             console_base_url=settings.bot_public_url or f"http://localhost:{settings.bot_port}",
             drain_lock=RedisLock(redis, keys.handoff_drain_lock()),
             events=ConsoleEventPublisher(redis, keys.prefix),
+            card_budget=CardBudget(redis, keys, clock),
         )
         csat = CsatService(CsatRepository(sessions, clock), repos, sender, clock, default_team=support.default_team)
         # 客户联系 APIs take the app secret's token.
@@ -395,6 +398,7 @@ async def open_services(
             tag_config=settings.tag_config,  # computed tags recomputed on the events that change them
             handoff=handoff,
             csat=csat,
+            subscriptions=SubscriptionRepository(sessions, clock),  # 退订 / 订阅 before script matching
         )
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
         scripts_watcher = ScriptsWatcher(

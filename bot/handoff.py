@@ -47,8 +47,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from bot.member_cards import CardBudget, CardItem, MemberCards
 from bot.pipeline import ReplySender
-from bot.sla_alerts import Alert
 from bot.sla_store import SlaStore
 from bot.storage.handoff_repository import (
     HUMAN_STATUSES,
@@ -119,7 +119,14 @@ TEXTCARD_TITLE_BYTES = 128
 TEXTCARD_DESCRIPTION_BYTES = 512
 LAST_MESSAGES = 3
 DIGEST_LINES = 8  # conversations listed on a digest card (512 bytes of description hold about that many)
-DIGEST_KINDS = {"warned": "即将超时", "breached": "已超时", "escalated": "超时升级"}
+DIGEST_KINDS = {
+    "assigned": "新会话",
+    "transferred": "转接",
+    "reassigned": "改派",
+    "warned": "即将超时",
+    "breached": "已超时",
+    "escalated": "超时升级",
+}
 
 
 class KfStateApi(Protocol):
@@ -248,6 +255,7 @@ class HandoffService:
         console_base_url: str = "http://localhost:8080",
         drain_lock: DrainLock | None = None,
         events: ConversationEvents | None = None,
+        card_budget: CardBudget | None = None,
     ) -> None:
         self.repos = repos
         self.repo = handoff_repo
@@ -259,6 +267,7 @@ class HandoffService:
         self._console = console_base_url.rstrip("/")
         self._drain_lock = drain_lock
         self._events = events  # changes made here, not through the console's own actions (which publish theirs)
+        self.cards = MemberCards(self, card_budget)  # every card to staff goes through the member's WeCom budget
 
     async def _changed(self, conversation: HandoffConversation, kind: str, **detail: object) -> None:
         if self._events is not None:
@@ -501,7 +510,7 @@ class HandoffService:
                 text = fill(self.config.texts.assigned, agent_name=agent.display_name)
                 await self._notice(conversation, text, msg_code, "assigned", agent_id)
         log.info("conversation assigned", conversation_id=conversation.id, agent_id=agent_id)
-        await self.notify_agent(agent, conversation.id, "assigned", conversation=conversation, tags=tags)
+        await self.cards.send(agent, CardItem(conversation.id, "assigned"), conversation=conversation, tags=tags)
         return True
 
     async def _trans(self, conversation: HandoffConversation, target: int, servicer: str | None = None) -> str | None:
@@ -696,7 +705,7 @@ class HandoffService:
                     await self.repo.set_presence(target.id, Presence.AWAY.value)
                     return TransferRefused(str(target.id), TransferRefusal.AGENT_OFFLINE)
                 return Conflict()
-        await self.notify_agent(target, conversation.id, kind, conversation=conversation)
+        await self.cards.send(target, CardItem(conversation.id, kind), conversation=conversation)
         return TransferAllowed(str(target.id))
 
     async def resolve(self, conversation_id: int) -> ResolveResult:
@@ -953,49 +962,44 @@ class HandoffService:
         log.info("agent notified", agent_id=agent.id, conversation_id=conversation_id, kind=kind)
         return True
 
-    async def notify_digest(self, agent: AgentRecord, alerts: list[Alert]) -> bool:
-        """One textcard for several SLA alerts held back by the member's pacing (bot.sla_alerts)."""
-        if not agent.wecom_userid or not alerts:
+    async def notify_digest(self, agent: AgentRecord, items: Sequence[CardItem], card_id: str) -> bool:
+        """One textcard for several cards the member's WeCom budget held back (bot.member_cards), urgent first."""
+        if not agent.wecom_userid or not items:
             return False
         lines: list[str] = []
-        for alert in alerts[:DIGEST_LINES]:
-            conversation = await self.repo.conversation(alert.conversation_id)
+        for item in items[:DIGEST_LINES]:
+            conversation = await self.repo.conversation(item.conversation_id)
             customer = (conversation.customer_name or conversation.external_id) if conversation else "?"
-            lines.append(f"{DIGEST_KINDS.get(alert.kind, alert.kind)}｜{customer}：{alert.extra}")
-        if len(alerts) > DIGEST_LINES:
-            lines.append(f"另有 {len(alerts) - DIGEST_LINES} 条，请在工作台查看")
+            line = f"{DIGEST_KINDS.get(item.kind, item.kind)}｜{customer}"
+            lines.append(f"{line}：{item.extra}" if item.extra else line)
+        if len(items) > DIGEST_LINES:
+            lines.append(f"另有 {len(items) - DIGEST_LINES} 条，请在工作台查看")
+        new = sum(item.urgent for item in items)
+        title = f"{new} 个新的客户会话待处理" if new else f"SLA 提醒：{len(items)} 个会话需要处理"
         content = {
-            "title": _cut(f"SLA 提醒：{len(alerts)} 个会话需要处理", TEXTCARD_TITLE_BYTES),
+            "title": _cut(title, TEXTCARD_TITLE_BYTES),
             "description": _cut("\n".join(lines), TEXTCARD_DESCRIPTION_BYTES),
-            "url": f"{self._console}/console/lead" if agent.role == "lead" else f"{self._console}/console/inbox",
+            "url": f"{self._console}/console/{'lead' if agent.role == 'lead' and not new else 'inbox'}",
             "btntxt": "打开工作台",
         }
         reply = OutboundMessage(
             channel=Channel.APP, to=agent.wecom_userid, account_id="", msgtype="textcard", content=content
         )
-        first = alerts[0]
         try:
-            await self._sender.send(reply, _key("digest", agent.id, first.conversation_id, first.kind, len(alerts)))
+            await self._sender.send(reply, _key("digest", agent.id, card_id))
         except WeComApiError as exc:
             log.warning("agent notification failed", agent_id=agent.id, kind="digest", errcode=exc.errcode)
             return False
-        log.info("agent notified", agent_id=agent.id, kind="digest", alerts=len(alerts))
+        log.info("agent notified", agent_id=agent.id, kind="digest", cards=len(items))
         return True
+
+    async def member(self, member_id: int) -> AgentRecord | None:
+        return await self.repo.agent(member_id)
 
     async def leads_of(self, conversation: HandoffConversation) -> list[AgentRecord]:
         """The team's leads: configured usernames and role=lead members of the conversation's team."""
         team = self.config.team(conversation.team)
         return await self.repo.leads(team.name, team.leads)
-
-    async def notify_leads(self, conversation_id: int, kind: str, *, level: int = 0, extra: str = "") -> int:
-        """Tell the team's leads (configured usernames and role=lead members of the team); returns how many."""
-        conversation = await self.repo.conversation(conversation_id)
-        if conversation is None:
-            return 0
-        told = 0
-        for lead in await self.leads_of(conversation):
-            told += await self.notify_agent(lead, conversation_id, kind, level=level, extra=extra)
-        return told
 
     async def reassign_after_breach(self, conversation_id: int) -> int | None:
         """Move a breached conversation to another available agent (not the assignee); the new agent's id."""

@@ -56,6 +56,22 @@ class RedisKeys:
         """Fingerprint of the script library the fleet last switched to; every process converges on it."""
         return f"{self.prefix}:scripts:version"
 
+    def card_window(self, member_id: int) -> str:
+        """Sorted set of the app cards sent to one member in the last hour (score: ms), for WeCom's limit."""
+        return f"{self.prefix}:cards:window:{member_id}"
+
+    def card_pace(self, member_id: int) -> str:
+        """The instant (ms) until which a member's paced (SLA) cards wait."""
+        return f"{self.prefix}:cards:pace:{member_id}"
+
+    def card_held(self, member_id: int, *, urgent: bool) -> str:
+        """List of the cards held for a member's next digest (JSON), urgent and paced apart."""
+        return f"{self.prefix}:cards:held:{'urgent' if urgent else 'paced'}:{member_id}"
+
+    def card_held_members(self) -> str:
+        """Set of the member ids that have held cards (what the flush visits)."""
+        return f"{self.prefix}:cards:held-members"
+
 
 def secret_fingerprint(secret: str) -> str:
     """Secrets never appear in key names; a short hash tells tokens of different secrets apart."""

@@ -8,7 +8,7 @@ A pass has two halves:
 2. Act (`act`): warned → the assignee is told; breached → a response clock's conversation is reassigned to
    another available agent and the team's leads are told; escalated (level 2+) → the leads are told again.
    Conversations are acted on concurrently (at most `ACTION_CONCURRENCY` at once), each one's events in order.
-   Alert cards are paced per member (bot.sla_alerts): a breach storm becomes digests, not dropped cards.
+   Alert cards are paced per member (bot.member_cards): a breach storm becomes digests, not dropped cards.
 Then the handoff queue is drained (conversations waiting for an opening or for capacity).
 
 `sweep_once` does both halves and returns when all is done (tests, one-off runs). `run` (the service) detects
@@ -36,7 +36,7 @@ import structlog
 from aiohttp import web
 
 from bot.handoff import HandoffService
-from bot.sla_alerts import Alert, AlertPacer
+from bot.member_cards import CardItem
 from bot.storage.handoff_repository import HandoffConversation
 from handlers.domain import Clock
 from handlers.sla import ClockKind, SlaEvent, SlaEventKind, advance, evaluate
@@ -99,14 +99,13 @@ class SlaSweeper:
         *,
         interval_s: float = SWEEP_INTERVAL_S,
         batch: int = SWEEP_BATCH,
-        alerts: AlertPacer | None = None,
     ) -> None:
         self._handoff = handoff
         self._repo = handoff.sla.repo
         self._clock = clock
         self._interval_s = interval_s
         self._batch = batch
-        self.alerts = alerts or AlertPacer(handoff, clock)
+        self.cards = handoff.cards
         self._slots = asyncio.Semaphore(ACTION_CONCURRENCY)
 
     async def sweep_once(self) -> SweepReport:
@@ -114,7 +113,7 @@ class SlaSweeper:
         report = await self.detect()
         await self.act(report)
         report.drained = await self._handoff.drain()
-        await self.alerts.flush()
+        await self.cards.flush()
         return report
 
     async def detect(self) -> SweepReport:
@@ -166,9 +165,9 @@ class SlaSweeper:
             extra = f"{name}将在约 {left} 秒后超时"
             assignee = await handoff.repo.agent(conversation.assignee_id) if conversation.assignee_id else None
             if assignee is not None:
-                await self.alerts.send(assignee, Alert(conversation_id, "warned", extra))
+                await self.cards.send(assignee, CardItem(conversation_id, "warned", extra))
             else:
-                await self._tell_leads(conversation, Alert(conversation_id, "warned", f"排队中，{extra}"))
+                await self._tell_leads(conversation, CardItem(conversation_id, "warned", f"排队中，{extra}"))
         elif event.kind is SlaEventKind.BREACHED:
             moved_to: int | None = None
             if event.clock in RESPONSE_CLOCKS:
@@ -179,14 +178,14 @@ class SlaSweeper:
                 extra = f"{name}已超时，已改派给 {agent.display_name if agent else moved_to}"
             else:
                 extra = f"{name}已超时，暂无可改派的客服"
-            await self._tell_leads(conversation, Alert(conversation_id, "breached", extra))
+            await self._tell_leads(conversation, CardItem(conversation_id, "breached", extra))
         elif event.kind is SlaEventKind.ESCALATED:
             extra = f"{name}超时升级（第 {event.level} 级），请尽快处理"
-            await self._tell_leads(conversation, Alert(conversation_id, "escalated", extra, event.level))
+            await self._tell_leads(conversation, CardItem(conversation_id, "escalated", extra, event.level))
 
-    async def _tell_leads(self, conversation: HandoffConversation, alert: Alert) -> None:
+    async def _tell_leads(self, conversation: HandoffConversation, card: CardItem) -> None:
         for lead in await self._handoff.leads_of(conversation):
-            await self.alerts.send(lead, alert)
+            await self.cards.send(lead, card)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Detect every interval until stopped; acting, draining and digests run beside it in the background.
@@ -216,7 +215,7 @@ class SlaSweeper:
                 if drain is None or drain.done():
                     drain = start(self._handoff.drain(), "sla-drain")
                 if flush is None or flush.done():
-                    flush = start(self.alerts.flush(), "sla-alerts")
+                    flush = start(self.cards.flush(), "sla-cards")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._interval_s)
         finally:

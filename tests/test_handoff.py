@@ -17,6 +17,7 @@ import pytest
 
 from bot.app import build_dispatcher
 from bot.handoff import KF_REPLY_IN_WECOM, Conflict, HandoffService, Refused
+from bot.member_cards import CardBudget
 from bot.outbound import WeComSender
 from bot.pipeline import QUIET_HANDLER, Pipeline
 from bot.sla_store import SlaStore
@@ -159,6 +160,7 @@ async def open_desk(backend: Backend, support: SupportConfig = ALWAYS) -> AsyncI
             clock,
             console_base_url="https://bot.example.com",
             events=events,
+            card_budget=CardBudget(services.redis, services.keys, clock),
         )
         pipeline = Pipeline(
             services.repos, build_dispatcher(), sender, h.puller(), clock, scripts=services.scripts, handoff=service
