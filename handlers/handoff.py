@@ -3,10 +3,10 @@
 Triggers, in the order the pipeline checks them:
 - tag policy (before dispatch): a customer with a listed tag (e.g. 高价值) goes straight to a person;
 - after dispatch, on the customer's text: a handoff phrase (转人工, 人工客服, ...), a complaint word (投诉, 差评, ...),
-  a click on the handoff menu item, a library script that is a handoff action (it triggers on the
-  `handoff_requested` event: the script model has no action field, so that event marks it), or a miss after N
-  consecutive answers by the library's no-match fallback (the fallback invites the customer to rephrase or ask
-  for a person N times; the next miss goes to a person instead of a further "I did not understand").
+  a click on the handoff menu item, a library script that is a handoff action (`action: handoff`, or triggered
+  by the `handoff_requested` event), or a miss after N consecutive answers by the library's no-match fallback
+  (the fallback invites the customer to rephrase or ask for a person N times; the next miss goes to a person
+  instead of a further "I did not understand").
 One domain operation (bot.handoff.HandoffService.handoff) performs the handoff, whatever the trigger.
 """
 
@@ -23,6 +23,7 @@ from handlers.sla import Priority
 from scripts_library import Library, normalize
 
 HANDOFF_EVENT = "handoff_requested"  # a library script triggered by this event is a handoff action
+HANDOFF_ACTION = "handoff"  # a library script's explicit `action: handoff`
 NO_MATCH_EVENT = "no_match"
 DEFAULT_NO_MATCH_LIMIT = 2
 WEEKDAYS_ZH = ("周一", "周二", "周三", "周四", "周五", "周六", "周日")
@@ -78,8 +79,12 @@ def is_customer_text(message: InboundMessage) -> bool:
 
 
 def handoff_script_ids(library: Library) -> frozenset[str]:
-    """Scripts that are handoff actions: those triggered by the `handoff_requested` event."""
-    return frozenset(script.id for script in library.scripts if HANDOFF_EVENT in script.triggers.events)
+    """Scripts that are handoff actions: `action: handoff`, or triggered by the `handoff_requested` event."""
+    return frozenset(
+        script.id
+        for script in library.scripts
+        if script.action == HANDOFF_ACTION or HANDOFF_EVENT in script.triggers.events
+    )
 
 
 def no_match_script_ids(library: Library) -> frozenset[str]:

@@ -44,8 +44,9 @@ _PLACEHOLDER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DAILY = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
 _SCRIPT_KEYS = {
     "id", "title", "examples", "triggers", "audience", "priority", "cooldown_seconds", "active", "fallbacks",
-    "reply", "variants",
+    "reply", "variants", "action",
 }  # fmt: skip
+_ACTIONS = ("reply", "handoff")
 _TRIGGER_KEYS = {"keywords_any", "keywords_all", "phrases", "regex", "menu_ids", "events"}
 _AUDIENCE_KEYS = {"any_of", "all_of", "none_of"}
 _VARIANT_KEYS = {"name", "tags", "priority", "weight", "reply"}
@@ -430,6 +431,9 @@ class _File:
         priority = self.integer(f["priority"][1], "priority", -1000) if "priority" in f else 0
         cooldown = self.integer(f["cooldown_seconds"][1], "cooldown_seconds", 0) if "cooldown_seconds" in f else 0
         window = self.window(f["active"][1]) if "active" in f else None
+        action = self.string(f["action"][1], "action") if "action" in f else "reply"
+        if action is not None and action not in _ACTIONS:
+            self.problem(f["action"][1], f"action {action!r} must be one of {', '.join(_ACTIONS)}")
         fallbacks: list[tuple[str, str]] = []
         if "fallbacks" in f:
             for name, (key, value) in self.mapping(f["fallbacks"][1], "fallbacks").items():
@@ -459,6 +463,7 @@ class _File:
             cooldown_seconds=cooldown or 0,
             priority=priority or 0,
             fallbacks=tuple(fallbacks),
+            action=action or "reply",
         )
 
 

@@ -188,6 +188,7 @@ class Script:
     cooldown_seconds: int = 0
     priority: int = 0
     fallbacks: tuple[tuple[str, str], ...] = ()  # per-script placeholder fallbacks
+    action: str = "reply"  # "handoff": after its reply, the conversation goes to a person
 
 
 @dataclass(frozen=True, slots=True)

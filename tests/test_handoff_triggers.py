@@ -18,7 +18,7 @@ from handlers.handoff import (
     text_trigger,
 )
 from handlers.sla import Priority
-from scripts_library import Library, load_library
+from scripts_library import Library, build_library, load_library
 
 TRIGGERS = HandoffTriggers(tag_policies=(TagPolicy(frozenset({"高价值"}), Priority.HIGH),))
 
@@ -55,6 +55,40 @@ def test_the_library_handoff_script_is_a_handoff_action() -> None:
     trigger = text_trigger(customer("我想找真人聊聊"), TRIGGERS, ["handoff.human"], scripts)
     assert trigger is not None and trigger.reason is HandoffReason.SCRIPT and trigger.detail == "handoff.human"
     assert "fallback.no_match" in no_match_script_ids(library)
+
+
+def test_a_script_with_an_explicit_handoff_action_hands_off_after_its_reply() -> None:
+    library = build_library(
+        {
+            "s.yaml": """\
+scripts:
+  - id: refund.dispute
+    title: 退款纠纷
+    action: handoff
+    triggers: {keywords_any: [退款纠纷]}
+    reply: [{text: 已为您转接售后专员}]
+  - id: refund.policy
+    title: 退款政策
+    triggers: {keywords_any: [退款]}
+    reply: [{text: 七天无理由}]
+"""
+        }
+    )
+    assert isinstance(library, Library)
+    assert handoff_script_ids(library) == {"refund.dispute"}
+    trigger = text_trigger(customer("有个退款纠纷"), TRIGGERS, ["refund.dispute"], handoff_script_ids(library))
+    assert trigger is not None and trigger.reason is HandoffReason.SCRIPT and trigger.detail == "refund.dispute"
+    assert text_trigger(customer("怎么退款"), TRIGGERS, ["refund.policy"], handoff_script_ids(library)) is None
+    assert "aftersale.complaint" in handoff_script_ids(load_library())  # its reply promises a person
+
+
+def test_an_unknown_script_action_is_refused_with_its_line() -> None:
+    problems = build_library(
+        {"s.yaml": "scripts:\n  - id: a\n    title: A\n    action: transfer\n    triggers: {keywords_any: [x]}\n"
+         "    reply: [{text: y}]\n"}
+    )
+    assert isinstance(problems, list)
+    assert [(p.line, p.message) for p in problems] == [(4, "action 'transfer' must be one of reply, handoff")]
 
 
 def test_no_match_streak_counts_consecutive_fallbacks_only() -> None:
