@@ -708,21 +708,37 @@ class HandoffService:
         await self.cards.send(target, CardItem(conversation.id, kind), conversation=conversation)
         return TransferAllowed(str(target.id))
 
-    async def resolve(self, conversation_id: int) -> ResolveResult:
-        """Resolved: kf 3 → 4, clocks stopped/fulfilled, the customer remembers the agent, the queue drains."""
+    async def resolve(self, conversation_id: int, by_agent_id: int | None = None) -> ResolveResult:
+        """Resolved: kf 3 → 4, clocks stopped/fulfilled, the customer remembers the agent, the queue drains.
+
+        A session still in WeCom's pool (2) can only move to a servicer (3), so it is ended through one: the
+        agent resolving it (`by_agent_id`), else its assignee; without one it stays in the pool until WeCom ends it.
+        """
         before = await self.repo.resolve(conversation_id)
         if before is None:
             return ResolveResult(False, message_zh="会话不在人工处理中，或已被其他人更新")
         msg_code: str | None = None
-        if before.channel is Channel.KF and before.kf_service_state == KF_HUMAN:
+        if before.channel is Channel.KF and before.kf_service_state in (KF_POOL, KF_HUMAN):
             try:
-                msg_code = await self._trans(before, KF_ENDED)
+                if before.kf_service_state == KF_HUMAN or await self._take_from_pool(before, by_agent_id):
+                    msg_code = await self._trans(before, KF_ENDED)
+                else:
+                    log.info("kf session left in the pool: no servicer to end it", conversation_id=conversation_id)
             except WeComApiError as exc:
                 log.warning("kf session not ended", conversation_id=conversation_id, errcode=exc.errcode)
         await self.sla.resolve(conversation_id, self._clock.now())
         log.info("conversation resolved", conversation_id=conversation_id, agent_id=before.assignee_id)
         await self.drain()  # capacity freed
         return ResolveResult(True, msg_code)
+
+    async def _take_from_pool(self, conversation: HandoffConversation, by_agent_id: int | None) -> bool:
+        """2 → 3 to the resolving agent (or the assignee), the only way out of WeCom's pool; False without one."""
+        for agent_id in dict.fromkeys(a for a in (by_agent_id, conversation.assignee_id) if a is not None):
+            agent = await self.repo.agent(agent_id)
+            if agent is not None and agent.wecom_userid:
+                await self._trans(conversation, KF_HUMAN, agent.wecom_userid)
+                return True
+        return False
 
     async def set_presence(self, agent_id: int, presence: Presence) -> list[tuple[int, int]]:
         """Console or kf servicer status: an agent coming online takes from the queue at once."""

@@ -352,6 +352,32 @@ async def test_resolve_ends_the_session_remembers_the_agent_and_the_bot_speaks_a
     assert len(desk.sent("wmDone")) == before + 1  # the bot answers the new conversation
 
 
+async def test_resolving_a_queued_session_takes_it_out_of_wecoms_pool_to_end_it(desk: Desk) -> None:
+    zhang = await desk.agent("zhangsan", presence="offline")
+    conversation_id = await desk.say("wmPool", "转人工")
+    assert desk.kf("wmPool") == (2, "")
+
+    result = await desk.service.resolve(conversation_id, by_agent_id=zhang)
+
+    assert result.resolved and result.end_msg_code  # 2 → 3 (the only move out of the pool) → 4
+    assert [(state, servicer) for _t, _k, customer, state, servicer in desk.sim.kf_transitions if customer == "wmPool"][
+        -2:
+    ] == [(3, "zhangsan"), (4, "")]
+    assert desk.kf("wmPool") == (4, "")
+    assert not [c for c in desk.sim.calls if c.errcode == 95016]
+
+
+async def test_a_queued_session_nobody_can_take_stays_in_the_pool_but_is_resolved_here(desk: Desk) -> None:
+    conversation_id = await desk.say("wmNoOne", "转人工")  # no agents at all
+
+    result = await desk.service.resolve(conversation_id)
+
+    assert result.resolved and result.end_msg_code is None
+    assert desk.kf("wmNoOne") == (2, "")
+    row = await desk.repo.conversation(conversation_id)
+    assert row is not None and row.status is ConversationStatus.RESOLVED
+
+
 # ------------------------------------------------------------------------------------------- SLA
 
 

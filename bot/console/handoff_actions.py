@@ -79,7 +79,7 @@ class HandoffConsoleActions:
         return ActionResult.success()
 
     async def resolve(self, conversation_id: int, agent: ConsoleUser) -> ActionResult:
-        result = await self._handoff.resolve(conversation_id)
+        result = await self._handoff.resolve(conversation_id, by_agent_id=agent.id)
         if not result.resolved:
             return ActionResult.refused(result.message_zh, "conflict")
         if self._csat is not None:  # at once: the end-of-session code lives 20 s
