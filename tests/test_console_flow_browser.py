@@ -1,7 +1,7 @@
 """The whole console flow against the simulator: a customer asks for a person through 微信客服, nobody is online,
 the conversation queues; agent A (a console agent: no WeCom account) sees it with a ticking SLA, goes online and
-gets it, while agent B's browser sees it leave the queue live; A replies from the console (exactly one kf/send_msg)
-and resolves; the bot answers the customer's next message again.
+gets it, while agent B's browser sees it leave the queue live; A picks a canned reply, which fills the reply box,
+and sends it from the console (exactly one kf/send_msg) and resolves; the bot answers the customer's next message again.
 
 The server (simulator, pipeline, HandoffService, console with HandoffConsoleActions) runs in a thread of this
 process on SQLite + in-process Redis, with a ManualClock. No sleeps: every wait is a Playwright expectation.
@@ -207,12 +207,25 @@ def test_queue_go_online_reply_and_resolve_from_the_console(chromium: str, tmp_p
             expect(first.get_by_role("heading", level=1)).to_contain_text(CUSTOMER)
             expect(first.locator("#transfer-to")).to_have_attribute("data-loaded", "1")
             expect(first.locator("#transfer-to")).to_contain_text("客服li（离线，0/5，工作台）")
-            first.get_by_label("回复客户").fill("您好，我是客服小张，请问有什么可以帮您？")
+            # The summary says why the customer is here; the canned replies fit the customer's (no) tags.
+            expect(first.locator("#summary-reason")).to_have_text("客户要求转人工")
+            expect(first.locator("#summary-last")).to_contain_text("转人工")
+            # A canned reply, found with the search box, fills the reply box (rendered for this agent); nothing is
+            # sent until 发送, and then exactly once.
+            first.get_by_label("搜索话术").fill("欢迎语")
+            expect(first.locator("#canned li:not([hidden])")).to_have_count(1)
+            first.get_by_role("button", name="添加好友欢迎语").click()
+            reply_box = first.get_by_label("回复客户")
+            canned = first.get_by_role("button", name="添加好友欢迎语").get_attribute("data-text") or ""
+            assert "客服zhang" in canned, canned
+            expect(reply_box).to_have_value(canned)
+            expect(reply_box).to_be_focused()
+            assert kf_texts(desk, canned) == 0
             first.get_by_role("button", name="发送").click()
             expect(first.locator("#action-result")).to_have_text("已完成")
-            expect(first.locator("ol.history li.agent").last).to_contain_text("请问有什么可以帮您")
+            expect(first.locator("ol.history li.agent").last).to_contain_text("我是客服zhang")
             expect(first.locator("ol.history li.agent").last).to_contain_text("客服")
-            assert kf_texts(desk, "您好，我是客服小张，请问有什么可以帮您？") == 1
+            assert kf_texts(desk, canned) == 1
             expect(first.locator("#status")).to_have_text("等待客户")
 
             # A resolves: the bot answers the customer's next message again.

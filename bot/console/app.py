@@ -35,6 +35,7 @@ from bot.storage.db import create_session_factory
 from bot.storage.staff_repository import AuditRepository
 from bot.web_assets import page_csp, set_page_headers
 from handlers.domain import Clock
+from scripts_library import Matcher
 
 if TYPE_CHECKING:
     from bot.app import Services
@@ -134,10 +135,12 @@ def create_console_app(
     absolute_s: float = DEFAULT_ABSOLUTE_S,
     heartbeat_s: float = 15.0,
     directory: AgentDirectory | None = None,
+    scripts: Callable[[], Matcher] | None = None,
 ) -> web.Application:
     """The /console sub-application. `actions` is the handoff service's ConsoleActions (default: NotWiredActions,
     every action answers 503); `directory` (presence, transfer picker) defaults to `actions` when it is one (the
-    handoff adapter is); `clock` defaults to the services' clock (sessions expire by it)."""
+    handoff adapter is); `clock` defaults to the services' clock (sessions expire by it); `scripts` (the matcher
+    whose library the canned replies come from) defaults to the one the bot serves, hot reloads included."""
     clock = clock or services.clock
     keys = ConsoleKeys(services.settings.redis_key_prefix)
     sessions = create_session_factory(services.engine)
@@ -154,6 +157,7 @@ def create_console_app(
         timezone=ZoneInfo(timezone),
         heartbeat_s=heartbeat_s,
         directory=directory if directory is not None else (actions if isinstance(actions, AgentDirectory) else None),
+        scripts=scripts or (lambda: services.scripts.matcher),
     )
     app = web.Application(middlewares=console_middlewares(state))
     app[CONSOLE_STATE] = state

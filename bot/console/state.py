@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -15,6 +16,7 @@ from bot.settings import Settings
 from bot.storage.console_repository import ConsoleRepository
 from bot.storage.staff_repository import AuditRepository
 from handlers.domain import Clock
+from scripts_library import Matcher
 
 SESSION_COOKIE = "wcb_console"
 LOGIN_CSRF_COOKIE = "wcb_console_login"
@@ -40,6 +42,7 @@ class ConsoleState:
     timezone: ZoneInfo
     heartbeat_s: float = 15.0
     directory: AgentDirectory | None = None  # presence toggle and transfer picker (None: not offered)
+    scripts: Callable[[], Matcher] | None = None  # the library now served, for canned replies (None: none shown)
 
     @property
     def secure_cookies(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from html import escape
+from typing import Any
 
 from bot.console.policy import ROLE_LABELS, ConsoleUser
 
@@ -18,7 +19,9 @@ STATUS_LABELS = {
     "waiting": "等待客户",
     "resolved": "已解决",
 }
-REASON_LABELS = {
+REASON_LABELS = {  # handlers/handoff.py HandoffReason, and older spellings
+    "customer_asked": "客户要求转人工",
+    "manual": "客服手动转人工",
     "customer_request": "客户要求转人工",
     "request": "客户要求转人工",
     "menu": "菜单转人工",
@@ -27,8 +30,25 @@ REASON_LABELS = {
     "tag_policy": "标签策略",
     "tag": "标签策略",
     "script": "话术转人工",
+    "llm_intent": "智能识别需人工处理",
 }
 AUTHOR_LABELS = {"customer": "客户", "bot": "机器人", "agent": "客服"}
+CHANNEL_LABELS = {"kf": "微信客服", "contact": "客户联系", "app": "企业微信应用"}
+MSGTYPE_LABELS = {
+    "text": "文字",
+    "image": "图片",
+    "voice": "语音",
+    "video": "视频",
+    "file": "文件",
+    "location": "位置",
+    "link": "链接",
+    "miniprogram": "小程序",
+    "msgmenu": "菜单",
+    "business_card": "名片",
+    "channels_shop_product": "视频号商品",
+    "channels_shop_order": "视频号订单",
+    "event": "事件",
+}
 CLOCK_LABELS = {"first_response": "首次响应", "next_response": "下次响应", "resolution": "解决"}
 PRIORITY_LABELS = {"low": "低", "normal": "普通", "high": "高", "urgent": "紧急"}
 PRESENCE_LABELS = {"online": "在线", "away": "离开", "offline": "离线"}
@@ -114,6 +134,10 @@ def _tags(tags: Iterable[str]) -> str:
     return f'<ul class="tags" aria-label="客户标签">{items}</ul>' if items else '<span class="muted">无标签</span>'
 
 
+def _msgtype(msgtype: object) -> str:
+    return f"[{label(MSGTYPE_LABELS, str(msgtype))}]"
+
+
 def inbox_rows_html(rows: Sequence[dict[str, object]], now: float, *, mine: bool) -> str:
     out = []
     for row in rows:
@@ -153,8 +177,7 @@ def inbox_page(
     body = (
         '<h1>收件箱</h1><p id="live" class="muted" role="status" aria-live="polite">实时更新连接中…</p>'
         + presence_form(csrf, presence)
-        +
-        f'<section aria-labelledby="queue-title"><h2 id="queue-title">排队中（<span id="queue-count">{len(queue)}'
+        + f'<section aria-labelledby="queue-title"><h2 id="queue-title">排队中（<span id="queue-count">{len(queue)}'
         "</span>）</h2>"
         f'<table class="inbox" id="queue"><thead>{head}<th>已等待</th><th>SLA</th></tr></thead>'
         f"<tbody>{inbox_rows_html(queue, now, mine=False)}</tbody></table>"
@@ -216,20 +239,20 @@ def conversation_page(
     agents: Sequence[dict[str, object]] | None = None,
     reply_key: str = "",
 ) -> str:
-    """`agents`: the transfer picker's choices (None: no agent directory wired, so a plain id field)."""
+    """`detail`: views.detail_json's shape (row, messages, summary, canned).
+    `agents`: the transfer picker's choices (None: no agent directory wired, so a plain id field)."""
     row = detail["row"]
     assert isinstance(row, dict)
-    sla = row.get("sla")
-    due = float(sla["due_at"]) if isinstance(sla, dict) else None
-    text, css = sla_text(due, now)
-    clock = label(CLOCK_LABELS, sla["kind"]) if isinstance(sla, dict) else ""
+    summary = detail["summary"]
+    assert isinstance(summary, dict)
+    canned = detail.get("canned")
     messages = detail["messages"]
     assert isinstance(messages, list)
     history = (
         "".join(
             f'<li class="msg {esc(m["author"])}"><span class="author">{esc(AUTHOR_LABELS.get(m["author"], "?"))}</span>'
             f' <time datetime="{esc(m["at_iso"])}">{esc(m["at_text"])}</time>'
-            f'<p class="text">{esc(m["text"] if m["text"] is not None else "[" + str(m["msgtype"]) + "]")}</p></li>'
+            f'<p class="text">{esc(m["text"] if m["text"] is not None else _msgtype(m["msgtype"]))}</p></li>'
             for m in messages
         )
         or '<li class="muted">暂无消息</li>'
@@ -257,21 +280,103 @@ def conversation_page(
     )
     body = (
         f"<h1>会话 #{cid}：{esc(row['customer'])}</h1>"
-        '<dl class="facts">'
-        f'<dt>状态</dt><dd id="status">{esc(row["status_label"])}</dd>'
-        f"<dt>转人工原因</dt><dd>{esc(row['reason_label'])}</dd>"
-        f"<dt>团队</dt><dd>{esc(row.get('team') or '—')}</dd>"
-        f"<dt>优先级</dt><dd>{esc(label(PRIORITY_LABELS, str(row.get('priority'))))}</dd>"
-        f"<dt>处理人</dt><dd>{esc(row.get('assignee') or '—')}</dd>"
-        f"<dt>客户标签</dt><dd>{_tags(row.get('tags') or [])}</dd>"  # type: ignore[arg-type]
-        f'<dt>SLA{esc(" · " + clock if clock else "")}</dt><dd><span class="{css}" '
-        f'data-due="{"" if due is None else f"{due:.3f}"}" role="timer">{text}</span></dd>'
-        "</dl>"
-        f'<section aria-labelledby="history-title"><h2 id="history-title">消息记录</h2>'
+        + summary_html(summary, now)
+        + f'<section aria-labelledby="history-title"><h2 id="history-title">消息记录</h2>'
         f'<ol class="history">{history}</ol></section>'
-        f"{forms}"
+        + (canned_html(canned) if isinstance(canned, dict) else "")
+        + forms
     )
     return page(f"会话 #{row['id']}", body, user=user, csrf=csrf, now=now)
+
+
+def summary_html(summary: dict[str, Any], now: float) -> str:
+    """The summary block (bot/console/summary.py): the facts, and the LLM's summary once issue 6 adds one."""
+    sla = summary.get("sla")
+    due = float(sla["due_at"]) if isinstance(sla, dict) else None
+    text, css = sla_text(due, now)
+    clock = str(sla["label"]) if isinstance(sla, dict) and sla.get("label") else ""
+    customer = esc(summary["customer"])
+    if summary["customer"] != summary["customer_external_id"]:
+        customer += f' <span class="muted">{esc(summary["customer_external_id"])}</span>'
+    since = float(summary["waiting_since"])
+    waited = (
+        ""
+        if summary["status"] == "resolved"
+        else f'（已等待 <span class="waited" data-since="{since:.3f}">{format_seconds(now - since)}</span>）'
+    )
+    last = summary.get("last_customer_message")
+    last_html = (
+        '<span class="muted">客户尚未发言</span>'
+        if last is None
+        else f'{esc(last)} <time class="muted">{esc(summary.get("last_customer_at_text") or "")}</time>'
+    )
+    previous = int(summary.get("previous_conversations") or 0)
+    if not summary.get("returning"):
+        history = "首次咨询"
+    elif summary.get("previous_agent"):
+        history = f"回头客（此前 {previous} 次会话），上次由 {esc(summary['previous_agent'])} 接待"
+    else:
+        history = f"回头客（此前 {previous} 次会话），此前均由机器人接待"
+    generated = summary.get("generated")
+    return (
+        '<section class="summary" aria-labelledby="summary-title"><h2 id="summary-title">会话摘要</h2>'
+        + (f'<p class="generated" id="summary-generated">{esc(generated)}</p>' if generated else "")
+        + '<dl class="facts">'
+        f'<dt>客户</dt><dd id="summary-customer">{customer}</dd>'
+        f"<dt>客户标签</dt><dd>{_tags(summary.get('tags') or [])}</dd>"
+        f'<dt>渠道</dt><dd id="summary-channel">{esc(summary["channel_label"])}</dd>'
+        f'<dt>状态</dt><dd id="status">{esc(summary["status_label"])}</dd>'
+        f'<dt>处理人</dt><dd id="summary-assignee">{esc(summary.get("assignee") or "—")}</dd>'
+        f"<dt>团队</dt><dd>{esc(summary.get('team') or '—')}</dd>"
+        f"<dt>优先级</dt><dd>{esc(summary['priority_label'])}</dd>"
+        f'<dt>转人工原因</dt><dd id="summary-reason">{esc(summary["reason_label"])}</dd>'
+        f'<dt>开始等待</dt><dd id="summary-since">{esc(summary.get("waiting_since_text") or "")}{waited}</dd>'
+        f'<dt>SLA{esc(" · " + clock if clock else "")}</dt><dd><span class="{css}" '
+        f'data-due="{"" if due is None else f"{due:.3f}"}" role="timer">{text}</span>'
+        + (
+            f' <span class="muted">（到期 {esc(summary["sla_due_text"])}）</span>'
+            if summary.get("sla_due_text")
+            else ""
+        )
+        + "</dd>"
+        f'<dt>客户消息</dt><dd id="summary-messages">{int(summary["customer_messages"])} 条</dd>'
+        f'<dt>最近客户消息</dt><dd id="summary-last">{last_html}</dd>'
+        f'<dt>来访记录</dt><dd id="summary-previous">{history}</dd>'
+        "</dl></section>"
+    )
+
+
+def canned_html(canned: dict[str, Any]) -> str:
+    """The canned replies (bot/console/canned.py): filtered by a search box, a click fills the reply box."""
+    items = canned.get("scripts") or []
+    skipped = canned.get("skipped") or []
+    tags = canned.get("tags") or []
+    basis = (
+        "按客户标签 " + "、".join(esc(t) for t in tags) + " 筛选" if tags else "客户没有标签：显示面向所有客户的话术"
+    )
+    rows = "".join(
+        f'<li data-search="{esc((item["title"] + " " + item["id"] + " " + item["text"]).lower())}">'
+        f'<button type="button" class="canned-use" data-script="{esc(item["id"])}" data-text="{esc(item["text"])}">'
+        f"{esc(item['title'])}</button>"
+        f'<p class="text">{esc(item["text"])}</p></li>'
+        for item in items
+    )
+    left_out = (
+        f"<details><summary>无法作为文字回复的话术（{len(skipped)}）</summary><ul>"
+        + "".join(f"<li>{esc(s['title'])}：{esc(s['reason'])}</li>" for s in skipped)
+        + "</ul></details>"
+        if skipped
+        else ""
+    )
+    return (
+        '<section class="canned" aria-labelledby="canned-title"><h2 id="canned-title">快捷回复</h2>'
+        f'<p class="muted">{basis}。点击话术填入回复框，确认后再按“发送”。</p>'
+        '<label for="canned-search">搜索话术</label>'
+        '<input id="canned-search" type="search" maxlength="100" autocomplete="off" placeholder="标题或内容关键字">'
+        f'<ul class="canned-list" id="canned">{rows}</ul>'
+        f'<p class="empty" id="canned-empty"{" hidden" if items else ""}>没有匹配的话术</p>'
+        f"{left_out}</section>"
+    )
 
 
 def lead_page(user: ConsoleUser, csrf: str, now: float, depth: dict[str, int], met: int, total: int, day: str) -> str:
@@ -344,6 +449,12 @@ ol.history li.agent { background: #e8f0fe; }
 ol.history .author { font-weight: 600; } ol.history time { color: var(--muted); font-size: 13px; }
 ol.history .text { margin: 4px 0 0; white-space: pre-wrap; }
 section.actions form { margin: 12px 0; }
+section.summary .generated { padding: 8px; border-left: 3px solid var(--accent); background: #f6f8fa; }
+ul.canned-list { list-style: none; padding: 0; max-height: 22em; overflow-y: auto; }
+ul.canned-list li { margin: 6px 0; padding: 6px 8px; border: 1px solid var(--line); border-radius: 6px; }
+ul.canned-list li[hidden] { display: none; }
+ul.canned-list button { margin: 0; padding: 2px 10px; }
+ul.canned-list .text { margin: 4px 0 0; white-space: pre-wrap; color: var(--muted); font-size: 14px; }
 """
 
 JS = r"""
@@ -459,6 +570,28 @@ JS = r"""
   if (replyText && replyKey) {
     replyText.addEventListener("input", function () { replyKey.value = newKey(); });
   }
+  // Canned replies: a click fills the reply box (a new reply, so a new key); the agent reviews it and sends.
+  var cannedSearch = document.getElementById("canned-search");
+  var cannedItems = document.querySelectorAll("#canned li[data-search]");
+  if (cannedSearch) {
+    cannedSearch.addEventListener("input", function () {
+      var q = cannedSearch.value.trim().toLowerCase(), shown = 0;
+      cannedItems.forEach(function (li) {
+        var hit = !q || li.getAttribute("data-search").indexOf(q) >= 0;
+        li.hidden = !hit;
+        if (hit) { shown += 1; }
+      });
+      document.getElementById("canned-empty").hidden = shown > 0;
+    });
+  }
+  document.querySelectorAll("button.canned-use").forEach(function (button) {
+    button.addEventListener("click", function () {
+      if (!replyText) { return; }
+      replyText.value = button.getAttribute("data-text") || "";
+      replyText.dispatchEvent(new Event("input", {bubbles: true}));
+      replyText.focus();
+    });
+  });
   var kept = null;
   try { kept = sessionStorage.getItem("action-result"); sessionStorage.removeItem("action-result"); } catch (e) {}
   if (kept && document.getElementById("action-result")) { document.getElementById("action-result").textContent = kept; }

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from bot.console import templates
 from bot.console.actions import HTTP_STATUS_FOR_CODE, PRESENCES, ActionResult, AgentInfo
+from bot.console.canned import Skipped, TaggedScripts, placeholder_values, scripts_for_tags
 from bot.console.passwords import MAX_PASSWORD_CHARS, verify_password
 from bot.console.policy import ConsoleUser, scope_for
 from bot.console.state import (
@@ -28,6 +29,7 @@ from bot.console.state import (
     USER,
     ConsoleState,
 )
+from bot.console.summary import ConversationSummary, summarize
 from bot.storage.console_repository import ConversationDetail, InboxRow
 from bot.storage.models import ConversationStatus, StaffRole
 from bot.web_assets import asset_routes
@@ -35,6 +37,7 @@ from bot.web_assets import asset_routes
 log = structlog.get_logger(__name__)
 
 MAX_REPLY_CHARS = 2048
+REPLY_JOINER = "\n\n"  # a script's several messages, as one reply from the console
 MAX_USERNAME_CHARS = 64
 MAX_ID = 2**63 - 1
 MAX_JSON_BYTES = 64 * 1024
@@ -63,6 +66,7 @@ def _epoch(value: datetime | None) -> float | None:
 def row_json(row: InboxRow) -> dict[str, Any]:
     return {
         "id": row.id,
+        "channel": row.channel,
         "customer": row.customer_name or row.customer_external_id,
         "tags": list(row.tags),
         "status": row.status.value,
@@ -81,9 +85,44 @@ def row_json(row: InboxRow) -> dict[str, Any]:
     }
 
 
-def detail_json(detail: ConversationDetail, tz: Any) -> dict[str, Any]:
+def _local(epoch: float | None, tz: Any) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).astimezone(tz).strftime("%m-%d %H:%M:%S")
+
+
+def summary_json(summary: ConversationSummary, tz: Any) -> dict[str, Any]:
+    """The summary's facts, with its instants also as local text for the page."""
+    return {
+        **summary.to_json(),
+        "waiting_since_text": _local(summary.waiting_since, tz),
+        "sla_due_text": _local(summary.sla_due_at, tz),
+        "last_customer_at_text": _local(summary.last_customer_at, tz),
+    }
+
+
+def canned_json(tags: tuple[str, ...], listed: TaggedScripts) -> dict[str, Any]:
+    """The canned replies: each script's messages joined into one reply text (`text`), as the reply box takes it;
+    one too long for a single reply is listed as skipped."""
+    scripts: list[dict[str, Any]] = []
+    skipped = [s.to_json() for s in listed.skipped]
+    for item in listed.items:
+        text = REPLY_JOINER.join(item.texts)
+        if len(text) > MAX_REPLY_CHARS:
+            reason = f"超过 {MAX_REPLY_CHARS} 字，无法作为一条回复"
+            skipped.append(Skipped(item.script_id, item.title, item.variant, reason).to_json())
+            continue
+        scripts.append({**item.to_json(), "text": text})
+    return {"tags": list(tags), "audience": "tags" if tags else "default", "scripts": scripts, "skipped": skipped}
+
+
+def detail_json(detail: ConversationDetail, tz: Any, *, canned: TaggedScripts | None = None) -> dict[str, Any]:
+    """The conversation view's data: the row, the history, the summary and (when a library is wired) the canned
+    replies for this customer."""
     return {
         "row": row_json(detail.row),
+        "summary": summary_json(summarize(detail), tz),
+        "canned": None if canned is None else canned_json(detail.row.tags, canned),
         "messages": [
             {
                 "id": m.id,
@@ -315,9 +354,26 @@ class ConsoleViews:
             raise NOT_FOUND
         return detail
 
+    def _canned(self, detail: ConversationDetail, user: ConsoleUser) -> TaggedScripts | None:
+        """The scripts this customer's tags admit, rendered for them and this agent (the sidebar's rule)."""
+        scripts = self.state.scripts
+        if scripts is None:
+            return None
+        row = detail.row
+        return scripts_for_tags(
+            scripts().library,
+            frozenset(row.tags),
+            customer_key=row.customer_external_id,
+            values=placeholder_values(row.customer_name, user.display_name),
+            now=self.state.clock.now(),
+        )
+
+    def _detail_json(self, detail: ConversationDetail, user: ConsoleUser) -> dict[str, Any]:
+        return detail_json(detail, self.state.timezone, canned=self._canned(detail, user))
+
     async def conversation_json(self, request: web.Request) -> web.Response:
         detail = await self._detail(request)
-        return web.json_response({"now": self.state.clock.now(), **detail_json(detail, self.state.timezone)})
+        return web.json_response({"now": self.state.clock.now(), **self._detail_json(detail, request[USER])})
 
     async def conversation_page(self, request: web.Request) -> web.Response:
         detail = await self._detail(request)
@@ -332,7 +388,7 @@ class ConsoleViews:
                 user,
                 request[SESSION].csrf,
                 self.state.clock.now(),
-                detail_json(detail, self.state.timezone),
+                self._detail_json(detail, user),
                 agents=others,
                 reply_key=secrets.token_urlsafe(18),
             )

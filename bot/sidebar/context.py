@@ -10,6 +10,9 @@ Only plain-text replies can be inserted with `sendChatMessage` here: a variant w
 image, markdown) is listed under `skipped` with the reason, as is one whose placeholders cannot be filled.
 Placeholders are filled for this chat (customer name, the staff member as agent_name); anything unknown falls back
 as the renderer does. Cooldowns do not apply: a person chooses to send.
+
+The listing without search text is `bot.console.canned.scripts_for_tags`, which the console's canned replies use
+too; the search reuses its pieces (`admitted_scripts`, `render_items`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from scripts_library import Matcher, Query, RenderError, Script, choose_variant, normalize, render
+from bot.console.canned import (
+    TEXT,
+    TRIGGER,
+    ScriptItem,
+    Skipped,
+    admitted_scripts,
+    placeholder_values,
+    render_items,
+    scripts_for_tags,
+)
+from scripts_library import Matcher, Query, Script, normalize
 
 MAX_QUERY_CHARS = 100
-KIND_LABELS = {"link": "链接", "msgmenu": "菜单", "image": "图片", "file": "文件", "markdown": "Markdown"}
 
 
 class GroupTags(Protocol):
@@ -47,39 +59,6 @@ class ChatSubject:
 
 
 @dataclass(frozen=True, slots=True)
-class ScriptItem:
-    script_id: str
-    title: str
-    variant: str
-    assignment: str
-    texts: tuple[str, ...]
-    matched: str  # "audience" | "trigger" | "text"
-    reasons: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.script_id,
-            "title": self.title,
-            "variant": self.variant,
-            "assignment": self.assignment,
-            "texts": list(self.texts),
-            "matched": self.matched,
-            "reasons": list(self.reasons),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    script_id: str
-    title: str
-    variant: str
-    reason: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.script_id, "title": self.title, "variant": self.variant, "reason": self.reason}
-
-
-@dataclass(frozen=True, slots=True)
 class SidebarContext:
     subject: ChatSubject
     scripts: tuple[ScriptItem, ...]
@@ -100,74 +79,37 @@ class SidebarContext:
         }
 
 
-def rank_key(script: Script) -> tuple[int, int, str]:
-    """The matcher's order among scripts of equal match strength: priority, audience strictness, id."""
-    return (-script.priority, -script.audience.strictness, script.id)
-
-
-def _values(subject: ChatSubject, staff_name: str | None) -> dict[str, str]:
-    values: dict[str, str] = {}
-    if subject.kind == "single" and subject.name and subject.name.strip():
-        values["customer_name"] = subject.name
-    if staff_name and staff_name.strip():
-        values["agent_name"] = staff_name
-    return values
-
-
 def build_context(
     matcher: Matcher, subject: ChatSubject, *, now: float, staff_name: str | None = None, q: str = ""
 ) -> SidebarContext:
     library = matcher.library
     tags = subject.tags
-    values = _values(subject, staff_name)
-    admitted = sorted(
-        (
-            s
-            for s in library.scripts
-            if s.audience.admits(tags) and (s.window is None or not s.window.why_inactive(now))
-        ),
-        key=rank_key,
-    )
-    order: list[tuple[Script, str, tuple[str, ...]]]
+    # a group has no one name to greet with: its scripts get the customer_name fallback
+    values = placeholder_values(subject.name if subject.kind == "single" else None, staff_name)
     needle = normalize(q) if q else ""
-    if needle:
-        by_id = {s.id: s for s in admitted}
-        explanation = matcher.explain(
-            Query(text=q, tags=tags, customer_id=subject.wecom_id, now=now, fallback_no_match=False)
-        )
-        order = []
-        seen: set[str] = set()
-        if explanation.winner is not None and explanation.winner.script.id in by_id:
-            order.append((explanation.winner.script, "trigger", explanation.winner.reasons))
-            seen.add(explanation.winner.script.id)
-        for miss in explanation.near_misses:
-            if miss.script.id in by_id and miss.script.id not in seen:
-                order.append((miss.script, "trigger", miss.reasons))
-                seen.add(miss.script.id)
-        order.extend((s, "text", ()) for s in admitted if s.id not in seen)
-    else:
-        order = [(s, "audience", ()) for s in admitted]
-
-    items: list[ScriptItem] = []
-    skipped: list[Skipped] = []
-    for script, matched, reasons in order:
-        variant, assignment = choose_variant(script, tags, subject.wecom_id)
-        kinds = sorted({r.kind for r in variant.replies if r.kind != "text"})
-        if kinds:
-            if matched != "text":  # a text-search non-hit is not worth a line
-                names = "、".join(KIND_LABELS.get(k, k) for k in kinds)
-                skipped.append(Skipped(script.id, script.title, variant.name, f"含非文字消息（{names}），无法插入"))
-            continue
-        try:
-            rendered = render(library, script, variant, values)
-        except RenderError as exc:
-            skipped.append(Skipped(script.id, script.title, variant.name, f"缺少占位符 {{{exc.placeholder}}} 的值"))
-            continue
-        texts = tuple(str(r.content.get("content", "")) for r in rendered)
-        if matched == "text" and not _contains(needle, script, texts):
-            continue
-        items.append(ScriptItem(script.id, script.title, variant.name, assignment, texts, matched, reasons))
-    return SidebarContext(subject, tuple(items), tuple(skipped))
+    if not needle:  # the listing the console's canned replies show too: one rule for both
+        listed = scripts_for_tags(library, tags, customer_key=subject.wecom_id, values=values, now=now)
+        return SidebarContext(subject, listed.items, listed.skipped)
+    admitted = admitted_scripts(library, tags, now)
+    by_id = {s.id: s for s in admitted}
+    explanation = matcher.explain(
+        Query(text=q, tags=tags, customer_id=subject.wecom_id, now=now, fallback_no_match=False)
+    )
+    order: list[tuple[Script, str, tuple[str, ...]]] = []
+    seen: set[str] = set()
+    if explanation.winner is not None and explanation.winner.script.id in by_id:
+        order.append((explanation.winner.script, TRIGGER, explanation.winner.reasons))
+        seen.add(explanation.winner.script.id)
+    for miss in explanation.near_misses:
+        if miss.script.id in by_id and miss.script.id not in seen:
+            order.append((miss.script, TRIGGER, miss.reasons))
+            seen.add(miss.script.id)
+    order.extend((s, TEXT, ()) for s in admitted if s.id not in seen)
+    found = render_items(library, order, tags, subject.wecom_id, values)
+    items = tuple(
+        item for item in found.items if item.matched != TEXT or _contains(needle, by_id[item.script_id], item.texts)
+    )
+    return SidebarContext(subject, items, found.skipped)
 
 
 def _contains(needle: str, script: Script, texts: Sequence[str]) -> bool:

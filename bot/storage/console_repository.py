@@ -27,6 +27,7 @@ from bot.storage.models import (
     StaffUser,
 )
 from bot.storage.repositories import _Repository, _rowcount
+from handlers.domain import KfOrigin
 
 RUNNING = "running"
 FIRST_RESPONSE = "first_response"
@@ -74,6 +75,7 @@ class SlaDue:
 @dataclass(frozen=True, slots=True)
 class InboxRow:
     id: int
+    channel: str
     status: ConversationStatus
     team: str | None
     priority: str
@@ -110,7 +112,11 @@ class HistoryMessage:
 @dataclass(frozen=True, slots=True)
 class ConversationDetail:
     row: InboxRow
-    messages: tuple[HistoryMessage, ...]
+    messages: tuple[HistoryMessage, ...]  # the latest `history` messages, oldest first
+    customer_messages: int = 0  # everything the customer wrote in this conversation (events not counted)
+    previous_conversations: int = 0  # the customer's earlier conversations on any channel/account
+    previous_agent_id: int | None = None  # who handled the latest earlier conversation that had a person
+    previous_agent_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,15 @@ def author_of(direction: str, origin: int | None, handler: str | None, payload: 
     if str(payload.get("author", "")) in ("agent", "human") or (handler or "").startswith("agent"):
         return "agent"
     return "bot"
+
+
+def _customer_authored() -> ColumnElement[bool]:
+    """What the customer wrote: inbound, not a servicer's line (origin 5) or a system event (origin 4)."""
+    return and_(
+        Message.direction == Direction.IN.value,
+        or_(Message.origin.is_(None), Message.origin == int(KfOrigin.CUSTOMER)),
+        Message.msgtype != "event",
+    )
 
 
 class ConsoleRepository(_Repository):
@@ -239,6 +254,31 @@ class ConsoleRepository(_Repository):
             conversation, customer = found
             extras = await self._extras(session, [(conversation, customer)])
             messages = (await session.scalars(messages_stmt)).all()
+            customer_messages = int(
+                await session.scalar(
+                    select(func.count())
+                    .select_from(Message)
+                    .where(Message.conversation_id == conversation_id, _customer_authored())
+                )
+                or 0
+            )
+            earlier = and_(Conversation.customer_id == customer.id, Conversation.id < conversation_id)
+            previous = int(await session.scalar(select(func.count()).select_from(Conversation).where(earlier)) or 0)
+            previous_agent_id: int | None = None
+            previous_agent_name: str | None = None
+            if previous:
+                found_agent = (
+                    await session.execute(
+                        select(Conversation.assignee_id, StaffUser.display_name)
+                        .outerjoin(StaffUser, StaffUser.id == Conversation.assignee_id)
+                        .where(earlier, Conversation.assignee_id.is_not(None))
+                        .order_by(Conversation.id.desc())
+                        .limit(1)
+                    )
+                ).one_or_none()
+                if found_agent is not None and found_agent[0] is not None:
+                    previous_agent_id = int(found_agent[0])
+                    previous_agent_name = None if found_agent[1] is None else str(found_agent[1])
         return ConversationDetail(
             row=self._row(conversation, customer, extras),
             messages=tuple(
@@ -247,6 +287,10 @@ class ConsoleRepository(_Repository):
                 )
                 for m in reversed(messages)
             ),
+            customer_messages=customer_messages,
+            previous_conversations=previous,
+            previous_agent_id=previous_agent_id,
+            previous_agent_name=previous_agent_name,
         )
 
     async def visible(self, conversation_id: int, scope: Scope) -> InboxRow | None:
@@ -350,6 +394,7 @@ class ConsoleRepository(_Repository):
         tags, dues, names = extras
         return InboxRow(
             id=conversation.id,
+            channel=conversation.channel,
             status=ConversationStatus(conversation.status),
             team=conversation.team,
             priority=conversation.priority,
