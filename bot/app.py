@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -28,11 +28,14 @@ from bot.csat import CsatService
 from bot.handoff import HandoffService
 from bot.ingress import callback_routes
 from bot.kf_sync import KfPuller
+from bot.leader import LeaderElection
+from bot.llm import IntentRouter
 from bot.member_cards import CardBudget
 from bot.metrics import Metrics
 from bot.ops import ops_routes
 from bot.outbound import WeComSender
 from bot.pipeline import Pipeline
+from bot.post_delivery import DeliveryConfig, PostDeliveryEngine
 from bot.queue import InboundQueue
 from bot.redis_conn import create_redis
 from bot.redis_keys import RedisKeys
@@ -45,6 +48,7 @@ from bot.sla_sweep import RedisLock, SlaSweeper, sweep_ctx
 from bot.storage.csat_repository import CsatRepository
 from bot.storage.db import create_engine, create_session_factory, schema_status, upgrade_async
 from bot.storage.handoff_repository import HandoffRepository, SlaRepository
+from bot.storage.posts_repository import PostRepository
 from bot.storage.repositories import Repositories
 from bot.storage.subscription_repository import SubscriptionRepository
 from bot.storage.tags_repository import TagRepository
@@ -57,7 +61,7 @@ from handlers.dispatcher import Dispatcher
 from handlers.domain import Clock, SystemClock
 from handlers.scripted import contact_added_without_welcome_code, contact_welcome, kf_welcome, scripted_reply
 from handlers.tags import TagConfig
-from scheduler.runner import RecomputeSchedule, build_scheduler
+from scheduler.runner import RecomputeSchedule, build_post_scheduler, build_scheduler
 from scripts_library import Library, Matcher, Problem
 
 log = structlog.get_logger(__name__)
@@ -344,6 +348,7 @@ async def open_services(
     redis = create_redis(settings)
     engine = create_engine(settings)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.http_timeout_s))
+    intent = IntentRouter.from_settings(settings, redis, keys, clock)  # None unless OPENAI_BASE_URL + OPENAI_MODEL
     try:
         await ensure_schema(engine, settings)
         sessions = create_session_factory(engine)
@@ -399,6 +404,7 @@ async def open_services(
             handoff=handoff,
             csat=csat,
             subscriptions=SubscriptionRepository(sessions, clock),  # 退订 / 订阅 before script matching
+            intent=intent,  # LLM intent routing when keywords match nothing (docs/llm.md)
         )
         crypto = CallbackCrypto(settings.wecom_token, settings.wecom_aes_key, settings.wecom_corp_id)
         scripts_watcher = ScriptsWatcher(
@@ -432,12 +438,43 @@ async def open_services(
             csat=csat,
         )
     finally:
+        if intent is not None:
+            await intent.aclose()
         await http.close()
         await engine.dispose()
         await redis.aclose()
 
 
 SERVICES = web.AppKey("services", Services)
+
+
+def build_post_engine(services: Services) -> PostDeliveryEngine:
+    """The scheduled-post delivery engine over the process's services (settings: POSTS_*)."""
+    settings = services.settings
+    config = DeliveryConfig(
+        grace=timedelta(seconds=settings.posts_grace_s),
+        lease=timedelta(seconds=settings.posts_lease_s),
+        max_attempts=settings.posts_max_attempts,
+        retry_base=timedelta(seconds=settings.posts_retry_base_s),
+        retry_cap=timedelta(seconds=settings.posts_retry_cap_s),
+        robot_per_minute=settings.posts_robot_per_minute,
+        staff_per_minute=settings.posts_staff_per_minute,
+        mass_poll_interval=timedelta(seconds=settings.posts_mass_poll_interval_s),
+        mass_remind_after=timedelta(seconds=settings.posts_mass_remind_after_s),
+        mass_deadline=timedelta(seconds=settings.posts_mass_deadline_s),
+        agent_id=settings.wecom_agent_id,
+    )
+    # The robot client never retries by itself: after a timeout WeCom may have posted, and the engine decides.
+    robot = RobotClient(services.http, settings.wecom_api_base, metrics=services.metrics, max_retries=0)
+    return PostDeliveryEngine(
+        PostRepository(create_session_factory(services.engine), services.clock),
+        app=services.app_client,
+        kf=services.kf_client,
+        robot=robot,
+        redis=services.redis,
+        keys=services.keys,
+        config=config,
+    )
 
 
 def create_app(services: Services, *, worker_count: int | None = None) -> web.Application:
@@ -482,6 +519,26 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
         yield
         scheduler.shutdown(wait=False)
 
+    async def posts_ctx(app: web.Application) -> AsyncIterator[None]:
+        # The leader election loop, and the post tick that runs the delivery engine on the leader only.
+        engine = build_post_engine(services)
+        leader = LeaderElection(
+            services.redis, services.keys.scheduler_leader(), services.clock, ttl_ms=settings.scheduler_leader_ttl_ms
+        )
+        stop = asyncio.Event()
+        election = asyncio.create_task(leader.run(stop), name="scheduler-leader")
+        scheduler = build_post_scheduler(
+            engine,
+            leader,
+            interval_s=settings.posts_tick_interval_s,
+            now=lambda: datetime.fromtimestamp(services.clock.now(), UTC),
+        )
+        scheduler.start()
+        yield
+        scheduler.shutdown(wait=False)
+        stop.set()
+        await asyncio.gather(election, return_exceptions=True)
+
     app.cleanup_ctx.append(workers_ctx)
     app.cleanup_ctx.append(scripts_reload_ctx)
     app.cleanup_ctx.append(  # the SLA sweep and the queue drain, every second
@@ -489,6 +546,8 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
     )
     if settings.tag_recompute_enabled:
         app.cleanup_ctx.append(tag_recompute_ctx)
+    if settings.posts_enabled:
+        app.cleanup_ctx.append(posts_ctx)
     app.add_routes(callback_routes(services.crypto, services.queue, services.metrics, settings, services.clock))
     app.add_routes(ops_routes(services))
     app.add_subapp("/api", create_api_app(services))

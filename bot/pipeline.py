@@ -20,6 +20,7 @@ from handlers.csat import is_survey_answer
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Channel, Clock, HandlerContext, InboundMessage, KfOrigin, OutboundMessage
 from handlers.handoff import (
+    HandoffReason,
     HandoffTrigger,
     HandoffTriggers,
     handoff_script_ids,
@@ -30,6 +31,8 @@ from handlers.handoff import (
     tag_policy_trigger,
     text_trigger,
 )
+from handlers.intent import HANDOFF_LABEL, IntentClassifier, intent_candidates, routed_replies, wants_routing
+from handlers.subscription import DEFAULT_SUBSCRIPTION, SubscriptionConfig, subscription_command
 from handlers.tags import TagConfig, TagSource, recompute_due_on_inbound
 from scripts_library import Matcher
 
@@ -82,6 +85,8 @@ QUIET_HANDLER = "handoff_quiet"  # the customer wrote while people have the conv
 HANDOFF_HANDLER = "handoff"  # a tag policy sent the customer straight to a person
 SERVICER_HANDLER = "servicer_line"  # a servicer wrote from the WeCom client (kf origin 5)
 CSAT_HANDLER = "csat_answer"  # the customer clicked a satisfaction-survey item (menu_id csat:N)
+SUBSCRIPTION_HANDLER = "subscription"  # the customer opted out of (退订) or back into (订阅) marketing sends
+INTENT_HANDLER = "llm_intent"  # keywords matched nothing; the LLM intent router chose a script or a handoff
 
 KF_SESSION_STATUS_CHANGE = "session_status_change"
 KF_SESSION_ENDED_BY_SERVICER = "3"  # change_type 3: a servicer ended the session; msg_code for a closing/survey
@@ -134,6 +139,13 @@ class HandoffPort(Protocol):
     async def kf_event(self, message: InboundMessage, conversation: HandoffConversation | None) -> None: ...
 
 
+class SubscriptionPort(Protocol):
+    """Where opt-out state is stored (bot.storage.subscription_repository.SubscriptionRepository)."""
+
+    async def set_opted_out(self, customer_id: int, opted_out: bool, *, at: float | None = None, source: str) -> bool:
+        ...
+
+
 class ScriptSource(Protocol):
     """Where the current script library comes from (bot.app.ScriptBook); read once per message."""
 
@@ -158,6 +170,9 @@ class Pipeline:
         tag_config: TagConfig | None = None,
         handoff: HandoffPort | None = None,
         csat: CsatPort | None = None,
+        subscriptions: SubscriptionPort | None = None,
+        subscription_config: SubscriptionConfig = DEFAULT_SUBSCRIPTION,
+        intent: IntentClassifier | None = None,
     ) -> None:
         self._repos = repos
         self._dispatcher = dispatcher
@@ -170,6 +185,9 @@ class Pipeline:
         self._tag_config = tag_config  # None: computed tags change only by the daily job and order imports
         self._handoff = handoff  # None: no handoff (the bot answers everything, as before)
         self._csat = csat  # None: no satisfaction survey (a csat:N click is then an ordinary text)
+        self._subscriptions = subscriptions  # None: 退订/订阅 are ordinary texts
+        self._subscription_config = subscription_config
+        self._intent = intent  # None: LLM assist off (text keywords miss → the no-match fallback, as before)
 
     async def process(self, entry: QueueEntry) -> None:
         """Handle one entry; raising leaves it pending so the worker retries (then dead-letters) it."""
@@ -219,6 +237,10 @@ class Pipeline:
             and message.msgtype == "event"
         ):
             await handoff.kf_event(message, None)  # servicer_status_change has no customer, so no conversation
+        if await self._subscription(message, record, conversation):
+            await messages.mark_handled(record.id, SUBSCRIPTION_HANDLER)
+            bound.info("message handled", handler=SUBSCRIPTION_HANDLER)
+            return
         if conversation is not None:
             handled_by = await self._before_dispatch(message, conversation, tags or frozenset())
             if handled_by is not None:
@@ -228,13 +250,19 @@ class Pipeline:
         context = await self._context(message, record, tags, conversation)
         dispatch = await self._dispatcher.dispatch(message, context)
         replies = list(dispatch.replies)
+        handler_name = dispatch.handler_name
+        intent_trigger: HandoffTrigger | None = None
+        routed = await self._route_by_intent(message, record, context, conversation, replies)
+        if routed is not None:
+            (replies, intent_trigger), handler_name = routed, INTENT_HANDLER
         trigger: HandoffTrigger | None = None
         if conversation is not None:
             trigger, replies = await self._after_dispatch(message, record, conversation, context, replies)
+        trigger = trigger or intent_trigger
         if message.channel is Channel.KF and len(replies) > KF_MAX_REPLIES_PER_MESSAGE:
             bound.warning(
                 "kf replies truncated to the per-message quota",
-                handler=dispatch.handler_name,
+                handler=handler_name,
                 wanted=len(replies),
                 kept=KF_MAX_REPLIES_PER_MESSAGE,
             )
@@ -252,8 +280,38 @@ class Pipeline:
         if trigger is not None and conversation is not None and self._handoff is not None:
             # After the replies: they go out while the session is still the bot's (0/1), before it moves on.
             await self._handoff.handoff(conversation.id, trigger)
-        await messages.mark_handled(record.id, dispatch.handler_name)
-        bound.info("message handled", handler=dispatch.handler_name, replies=len(replies))
+        await messages.mark_handled(record.id, handler_name)
+        bound.info("message handled", handler=handler_name, replies=len(replies))
+
+    async def _route_by_intent(
+        self,
+        message: InboundMessage,
+        record: InboundRecord,
+        context: HandlerContext,
+        conversation: HandoffConversation | None,
+        replies: list[OutboundMessage],
+    ) -> tuple[list[OutboundMessage], HandoffTrigger | None] | None:
+        """Keywords left a customer's text to the no-match fallback: the LLM may pick a script or a handoff instead.
+
+        None keeps the fallback (LLM off, "none", low confidence, a failure or the time budget spent). The model
+        only chooses a label: a script's approved text, rendered as a keyword match, or the handoff operation.
+        """
+        intent, handoff = self._intent, self._handoff
+        library = context.matcher.library if context.matcher is not None else None
+        if intent is None or library is None or not wants_routing(message, replies, library):
+            return None
+        if handoff is not None and text_trigger(message, handoff.triggers) is not None:
+            return None  # the text itself asks for a person
+        candidates = intent_candidates(library, context.tags, context.now(), context.last_sent)
+        decision = await intent.classify(message.text or "", candidates, ref=f"message:{record.id}")
+        if decision.label == HANDOFF_LABEL:
+            if handoff is None or conversation is None or conversation.status is not ConversationStatus.BOT:
+                return None
+            detail = f"confidence {decision.confidence:.2f}"
+            return [], HandoffTrigger(HandoffReason.LLM_INTENT, handoff.triggers.default_priority, None, detail)
+        script_id = decision.script_id
+        routed = routed_replies(message, context, script_id) if script_id is not None else None
+        return (routed, None) if routed else None
 
     async def _handoff_conversation(self, message: InboundMessage, record: InboundRecord) -> HandoffConversation | None:
         """The kf conversation as handoff sees it, when handoff is on (None otherwise)."""
@@ -288,6 +346,46 @@ class Pipeline:
                 if getattr(outcome, "status", None) != "deferred":
                     return HANDOFF_HANDLER
         return None
+
+    async def _subscription(
+        self, message: InboundMessage, record: InboundRecord, conversation: HandoffConversation | None
+    ) -> bool:
+        """退订 / 订阅 from the customer: stored, then confirmed; True when nothing else is to be done.
+
+        Before script matching, so neither word reaches the library. While people have the conversation the
+        state is still stored, but the bot stays quiet (False: the quiet path goes on as for any customer line).
+        The confirmation goes through the outbox keyed on this message, so a retried entry sends it once.
+        """
+        subscriptions, customer_id = self._subscriptions, record.customer_id
+        if subscriptions is None or customer_id is None or not is_customer_text(message):
+            return False
+        change = subscription_command(message.text, self._subscription_config)
+        if change is None:
+            return False
+        at = float(message.created_at) if message.created_at > 0 else self._clock.now()
+        changed = await subscriptions.set_opted_out(customer_id, change.opted_out, at=at, source=message.channel.value)
+        log.info(
+            "subscription command",
+            message_id=record.id,
+            customer_id=customer_id,
+            action=change.action.value,
+            changed=changed,
+        )
+        if conversation is not None and conversation.status.value in WITH_HUMANS:
+            return False
+        reply = OutboundMessage(
+            channel=message.channel,
+            to=message.sender_id,
+            account_id=message.account_id,
+            msgtype="text",
+            content={"content": change.reply},
+        )
+        suppressed = await self._kf_state_forbids_sends(message, record, [reply], conversation)
+        if suppressed is not None:
+            log.info("subscription reply not sent: kf session not served by the bot", kf_service_state=suppressed)
+            return True
+        await self._send_once(record.id, message, 0, reply)
+        return True
 
     @staticmethod
     def _is_survey_answer(message: InboundMessage, record: InboundRecord) -> bool:

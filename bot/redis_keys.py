@@ -56,6 +56,14 @@ class RedisKeys:
         """Fingerprint of the script library the fleet last switched to; every process converges on it."""
         return f"{self.prefix}:scripts:version"
 
+    def post_rate(self, channel: str, subject: str) -> str:
+        """Sorted set of recent scheduled-post sends (ms scores) for one robot name or member userid."""
+        return f"{self.prefix}:post-rate:{channel}:{subject}"
+
+    def scheduler_leader(self) -> str:
+        """The scheduling leader's lock: `token|expires_at_ms`, only the holder renews it."""
+        return f"{self.prefix}:scheduler-leader"
+
     def card_window(self, member_id: int) -> str:
         """Sorted set of the app cards sent to one member in the last hour (score: ms), for WeCom's limit."""
         return f"{self.prefix}:cards:window:{member_id}"
@@ -71,6 +79,14 @@ class RedisKeys:
     def card_held_members(self) -> str:
         """Set of the member ids that have held cards (what the flush visits)."""
         return f"{self.prefix}:cards:held-members"
+
+    def llm_tokens(self, day: str) -> str:
+        """Tokens the LLM used on one Asia/Shanghai calendar day (YYYY-MM-DD), for LLM_DAILY_TOKEN_CAP."""
+        return f"{self.prefix}:llm:tokens:{day}"
+
+    def llm_audit(self, day: str) -> str:
+        """List of one day's LLM calls (JSON: masked prompt, raw output, decision), newest first, capped, expiring."""
+        return f"{self.prefix}:llm:audit:{day}"
 
 
 def secret_fingerprint(secret: str) -> str:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from handlers.intent import DEFAULT_ORDER_PATTERNS, compile_order_patterns
 from handlers.tags import TagConfig
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com"
@@ -99,6 +101,62 @@ class Settings(BaseSettings):
     tag_recompute_timezone: str = "Asia/Shanghai"
     tag_recompute_page_size: int = Field(default=500, ge=1, le=10_000)
     tag_recompute_max_customers: int = Field(default=1_000_000, ge=1)
+
+    # Scheduled posts (docs/scheduling.md): one leader per fleet ticks the delivery engine every few seconds.
+    posts_enabled: bool = True
+    posts_tick_interval_s: float = Field(default=5.0, ge=0.5, le=300)
+    posts_grace_s: int = Field(default=900, ge=0)  # a slot later than this is marked missed and reported
+    posts_lease_s: int = Field(default=120, ge=10)  # a delivery left in `sending` this long is reclaimed
+    posts_max_attempts: int = Field(default=5, ge=1, le=50)
+    posts_retry_base_s: float = Field(default=30.0, gt=0)
+    posts_retry_cap_s: float = Field(default=900.0, gt=0)
+    posts_robot_per_minute: int = Field(default=20, ge=1, le=20)  # WeCom: 20 per robot per minute
+    posts_staff_per_minute: int = Field(default=30, ge=1, le=30)  # WeCom: 30 app messages per member per minute
+    posts_mass_poll_interval_s: int = Field(default=60, ge=5)
+    posts_mass_remind_after_s: int = Field(default=4 * 3600, ge=60)
+    posts_mass_deadline_s: int = Field(default=24 * 3600, ge=60)
+    scheduler_leader_ttl_ms: int = Field(default=5000, ge=300, le=600_000)
+
+    # LLM assist (docs/llm.md): off unless OPENAI_BASE_URL and OPENAI_MODEL are both set. Any OpenAI-compatible API.
+    openai_base_url: str = ""
+    openai_api_key: SecretStr = SecretStr("")  # never logged; local servers (vLLM, llama.cpp) may need none
+    openai_model: str = ""
+    llm_routing_budget_ms: int = Field(default=1500, ge=10, le=30_000)  # then the fallback answers, at once
+    llm_min_confidence: float = Field(default=0.7, ge=0, le=1)  # a less confident label counts as "none"
+    llm_daily_token_cap: int = Field(default=200_000, ge=1)  # per Asia/Shanghai calendar day, fleet-wide
+    llm_breaker_failures: int = Field(default=5, ge=1, le=1000)  # failures in a row that open the breaker
+    llm_breaker_cooldown_s: float = Field(default=60.0, gt=0, le=86_400)  # model skipped this long, then a trial
+    llm_audit_retention_days: int = Field(default=7, ge=1, le=365)  # masked prompts and outputs kept in Redis
+    llm_audit_max_per_day: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Order-number regexes masked before text leaves the process (env: a JSON list of strings).
+    llm_pii_order_patterns: Annotated[tuple[str, ...], NoDecode] = DEFAULT_ORDER_PATTERNS
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _openai_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (e.g. https://api.deepseek.com/v1)")
+        return value.rstrip("/")
+
+    @field_validator("llm_pii_order_patterns", mode="before")
+    @classmethod
+    def _order_patterns(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError('must be a JSON list of regexes, e.g. ["\\\\d{12,20}"]') from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("must be a JSON list of regexes (strings)")
+        if isinstance(value, list | tuple):
+            compile_order_patterns(value)  # ValueError names the regex that does not compile
+            return tuple(value)
+        return value
+
+    @property
+    def llm_enabled(self) -> bool:
+        """LLM assist is on only with both a base URL and a model."""
+        return bool(self.openai_base_url and self.openai_model)
 
     @field_validator("tag_recency_days", "tag_frequency_orders", "tag_monetary_cents", mode="before")
     @classmethod

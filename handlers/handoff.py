@@ -39,6 +39,7 @@ class HandoffReason(StrEnum):
     TAG_POLICY = "tag_policy"
     SCRIPT = "script"
     MANUAL = "manual"  # staff opened it from the console
+    LLM_INTENT = "llm_intent"  # the LLM intent router judged that the text needs a person
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,11 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
+import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from scheduler.jobs import TagRecomputePort, recompute_tags_job
+
+log = structlog.get_logger(__name__)
 
 RECOMPUTE_TAGS_JOB_ID = "recompute-tags"
 DEFAULT_RECOMPUTE_CRON = "30 3 * * *"  # 03:30, before the shop opens
@@ -58,4 +63,78 @@ def build_scheduler(
         coalesce=True,  # runs missed while the process was down collapse into one
         misfire_grace_time=3600,
     )
+    return scheduler
+
+
+# ---- scheduled posts (issue 5) -------------------------------------------------------------------------------
+#
+# The delivery engine lives in bot/ (it does I/O) and reaches this module as two ports. The job store stays in
+# memory on purpose: the durable truth is the delivery table (slots are derived from each post's rule and its
+# watermark; a row per (post, target, slot) records what happened), so a restarted process rebuilds this one
+# interval job from code and loses nothing. docs/scheduling.md explains the choice.
+
+POST_TICK_JOB_ID = "post-tick"
+DEFAULT_POST_TICK_S = 5.0
+
+
+class PostTickPort(Protocol):
+    """The delivery engine as the scheduler sees it: one pass at `now`."""
+
+    async def tick(self, now: datetime) -> object: ...
+
+
+class LeaderPort(Protocol):
+    """Whether this instance is the scheduling leader right now (only the leader ticks)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+
+async def post_tick_job(engine: PostTickPort, leader: LeaderPort, now: datetime) -> bool:
+    """Run one delivery pass if this instance leads; True when it ran."""
+    if not leader.is_leader:
+        return False
+    await engine.tick(now)
+    return True
+
+
+def add_post_tick_job(
+    scheduler: AsyncIOScheduler,
+    engine: PostTickPort,
+    leader: LeaderPort,
+    *,
+    interval_s: float = DEFAULT_POST_TICK_S,
+    now: Callable[[], datetime] = _utc_now,
+) -> None:
+    """Every `interval_s`: one delivery pass on the leader (never overlapping; late runs collapse into one)."""
+
+    async def post_tick() -> None:
+        try:
+            await post_tick_job(engine, leader, now())
+        except Exception:
+            log.exception("post tick failed")  # the next tick retries; rows keep their state
+
+    scheduler.add_job(
+        post_tick,
+        IntervalTrigger(seconds=interval_s),
+        id=POST_TICK_JOB_ID,
+        name="deliver scheduled posts",
+        replace_existing=True,
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=max(1, int(interval_s)),
+    )
+
+
+def build_post_scheduler(
+    engine: PostTickPort,
+    leader: LeaderPort,
+    *,
+    interval_s: float = DEFAULT_POST_TICK_S,
+    timezone: str = DEFAULT_TIMEZONE,
+    now: Callable[[], datetime] = _utc_now,
+) -> AsyncIOScheduler:
+    """A scheduler (not started) with only the post tick; start() it inside the running event loop."""
+    scheduler = AsyncIOScheduler(timezone=timezone)
+    add_post_tick_job(scheduler, engine, leader, interval_s=interval_s, now=now)
     return scheduler

@@ -81,6 +81,9 @@ def _flush_prefix(prefix: str) -> None:
         client.close()
 
 
+LLM_FROM_ENVIRONMENT = False  # a test of the operator's switch sets this (monkeypatch) to read OPENAI_* from env
+
+
 def make_settings(backend: Backend | None = None, **overrides: object) -> Settings:
     """Settings for a test: fixed test credentials, pointed at the given backend."""
     values: dict[str, object] = {
@@ -92,6 +95,9 @@ def make_settings(backend: Backend | None = None, **overrides: object) -> Settin
         "wecom_kf_secret": TEST_KF_SECRET,
         "_env_file": None,
     }
+    if not LLM_FROM_ENVIRONMENT:
+        # The LLM stays off unless a test switches it on: an exported OPENAI_BASE_URL must not reroute every test.
+        values["openai_base_url"] = ""
     if backend is not None:
         values.update(
             database_url=backend.database_url,

@@ -32,7 +32,9 @@ from tests.conftest import REAL_POSTGRES_ADMIN_URL, Backend, make_settings
 
 TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "orders", "customer_tags", "answers",
           "staff_users", "api_tokens", "audit_log", "script_revisions",
-          "sla_clocks", "sla_events", "csat_surveys"}
+          "sla_clocks", "sla_events", "csat_surveys",
+          "posts", "post_targets", "post_deliveries", "group_robots", "mass_message_tasks",
+          "customer_subscriptions"}
 T0 = 1_700_000_000
 
 

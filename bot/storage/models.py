@@ -432,3 +432,186 @@ class CsatSurvey(Base):
     asked_at: Mapped[datetime] = mapped_column(UTCDateTime)
     score: Mapped[int | None] = mapped_column(Integer)
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# ---- scheduled community content (issue 5): posts, their targets, one delivery row per slot ----------------
+
+
+class PostKind(StrEnum):
+    TEXT = "text"
+    MARKDOWN = "markdown"
+    IMAGE = "image"
+    LINK = "link"
+    FILE = "file"
+    NEWS = "news"
+
+
+class PostStatus(StrEnum):
+    ACTIVE = "active"
+    CANCELLED = "cancelled"
+
+
+class RuleKind(StrEnum):
+    AT = "at"  # one-off at an instant
+    CRON = "cron"  # recurring: a crontab line in a time zone
+    SOP = "sop"  # a step of an SOP touch plan, relative to an event (offset from the anchor)
+
+
+class TargetKind(StrEnum):
+    ROBOT = "robot"  # an internal group through its robot webhook (ref: the robot's name)
+    GROUP_CHAT = "group_chat"  # a customer group through add_msg_template (ref: chat_id)
+    SEGMENT = "segment"  # 微信客服 customers with any of some tags, inside their 48 h window (ref: tags, comma-joined)
+    STAFF = "staff"  # a member through an app message (ref: userid)
+
+
+class DeliveryState(StrEnum):
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # held back on purpose (audience policy, monthly cap, cancelled), with a reason
+    MISSED = "missed"  # its slot passed more than the grace window ago before anything was sent
+
+
+TERMINAL_DELIVERY_STATES = frozenset(
+    {DeliveryState.SENT, DeliveryState.FAILED, DeliveryState.SKIPPED, DeliveryState.MISSED}
+)
+
+
+class MassTaskStatus(StrEnum):
+    PENDING = "pending"  # created; the member has not confirmed it in the client yet
+    CONFIRMED = "confirmed"
+    UNCONFIRMED = "unconfirmed"  # the deadline passed without a confirmation
+
+
+class Post(Base):
+    """One planned piece of content with its rule; its targets and deliveries hang off it."""
+
+    __tablename__ = "posts"
+    __table_args__ = (
+        CheckConstraint("kind IN ('text', 'markdown', 'image', 'link', 'file', 'news')", name="kind"),
+        CheckConstraint("rule_kind IN ('at', 'cron', 'sop')", name="rule_kind"),
+        CheckConstraint("status IN ('active', 'cancelled')", name="status"),
+        Index(None, "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64))  # the member userid told about failures and misses
+    title: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(16))
+    content: Mapped[dict[str, Any]] = mapped_column(Json)
+    rule_kind: Mapped[str] = mapped_column(String(8))
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # rule_kind at
+    cron: Mapped[str | None] = mapped_column(String(120))  # rule_kind cron
+    timezone: Mapped[str] = mapped_column(String(64), default="Asia/Shanghai", server_default="Asia/Shanghai")
+    sop_plan: Mapped[str | None] = mapped_column(String(64))  # rule_kind sop: the plan and this step's offset
+    sop_offset_s: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    # Slots before this instant have their delivery rows already; only ever moves forward.
+    materialised_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PostTarget(Base):
+    """Where a post goes; params hold channel details (e.g. the member who sends a customer-group message)."""
+
+    __tablename__ = "post_targets"
+    __table_args__ = (
+        UniqueConstraint("post_id", "kind", "ref"),
+        CheckConstraint("kind IN ('robot', 'group_chat', 'segment', 'staff')", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    post_id: Mapped[int] = mapped_column(BigId, ForeignKey("posts.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(255))
+    params: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+
+
+class PostDelivery(Base):
+    """One (post, target, slot): the state machine scheduled → sending → sent | failed | skipped | missed."""
+
+    __tablename__ = "post_deliveries"
+    __table_args__ = (
+        UniqueConstraint("idempotency_key"),
+        CheckConstraint(
+            "state IN ('scheduled', 'sending', 'sent', 'failed', 'skipped', 'missed')", name="state"
+        ),
+        Index(None, "state", "next_attempt_at"),  # the claim: due scheduled rows
+        Index(None, "post_id", "slot_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    post_id: Mapped[int] = mapped_column(BigId, ForeignKey("posts.id"))
+    target_id: Mapped[int] = mapped_column(BigId, ForeignKey("post_targets.id"))
+    target_kind: Mapped[str] = mapped_column(String(16))
+    slot_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    idempotency_key: Mapped[str] = mapped_column(String(96))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # WeCom calls started
+    holds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # held back by our rate limits
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    call_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    errcode: Mapped[int | None] = mapped_column(Integer)
+    errmsg: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    task_msgid: Mapped[str | None] = mapped_column(String(128))  # customer groups: the add_msg_template task
+    detail: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)  # e.g. segment counts
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class GroupRobot(Base):
+    """A group robot by name; the webhook key is a secret: never logged, never shown in full."""
+
+    __tablename__ = "group_robots"
+    __table_args__ = (UniqueConstraint("name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    webhook_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"GroupRobot(id={self.id!r}, name={self.name!r})"
+
+
+class MassMessageTask(Base):
+    """One add_msg_template task for one customer group; counts towards the group's 4 per natural month."""
+
+    __tablename__ = "mass_message_tasks"
+    __table_args__ = (
+        UniqueConstraint("msgid"),
+        Index(None, "chat_id", "created_at"),
+        Index(None, "status", "checked_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    msgid: Mapped[str] = mapped_column(String(128))
+    delivery_id: Mapped[int] = mapped_column(BigId, ForeignKey("post_deliveries.id"))
+    chat_id: Mapped[str] = mapped_column(String(128))
+    sender: Mapped[str] = mapped_column(String(64))  # the member who must confirm it
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reminded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CustomerSubscription(Base):
+    """Whether a customer opted out of marketing posts and SOP touches (退订), and when and how that last changed.
+
+    No row: subscribed. One row per customer row; the kf and 客户联系 rows of one external_userid are one person,
+    so readers take the latest change among them (bot/storage/subscription_repository.py).
+    """
+
+    __tablename__ = "customer_subscriptions"
+
+    customer_id: Mapped[int] = mapped_column(BigId, ForeignKey("customers.id"), primary_key=True)
+    opted_out: Mapped[bool] = mapped_column(Boolean)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source: Mapped[str] = mapped_column(String(32))  # kf (the customer wrote), or console/api/import later
