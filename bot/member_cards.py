@@ -42,7 +42,9 @@ PACE_S = 10.0
 URGENT_KINDS = frozenset({"assigned", "transferred"})
 
 # Times are the injected clock's (ms), never Redis's own: the pace marker holds the instant it ends, and its expiry
-# only collects it.
+# only collects it. A send counts from when its slot was taken until 62 s (and 3,602 s) after WeCom answered it
+# (`CardBudget.sent` moves its score): WeCom counts from when the message arrived, which under load can be seconds
+# after the slot was taken, and the 2 s cover clocks that disagree a little.
 # KEYS: window (zset of sends, score ms), pace marker, held urgent list, held paced list, members-with-held set.
 # ARGV: now ms, urgent 0/1, per minute, per hour, minute reserve, hour reserve, pace ms, send id, member id,
 #       the card (JSON) to hold when no slot is free ("" to never hold).
@@ -50,8 +52,8 @@ URGENT_KINDS = frozenset({"assigned", "transferred"})
 # sweep running never flushes, and its held cards must not stay forever).
 _TAKE = """
 local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
-local minute = redis.call('ZCOUNT', KEYS[1], '(' .. (now - 60000), '+inf')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3602000)
+local minute = redis.call('ZCOUNT', KEYS[1], '(' .. (now - 62000), '+inf')
 local hour = redis.call('ZCARD', KEYS[1])
 local ok
 if ARGV[2] == '1' then
@@ -86,8 +88,8 @@ if urgent_n == 0 and paced_n == 0 then
   return nil
 end
 local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3600000)
-local minute = redis.call('ZCOUNT', KEYS[1], '(' .. (now - 60000), '+inf')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3602000)
+local minute = redis.call('ZCOUNT', KEYS[1], '(' .. (now - 62000), '+inf')
 local hour = redis.call('ZCARD', KEYS[1])
 local ok
 if urgent_n > 0 then
@@ -192,6 +194,12 @@ class CardBudget:
         taken = await self._take(keys=self._keys_of(member_id), args=[*args, json.dumps(asdict(item))])
         return str(args[7]) if int(taken) == 1 else None
 
+    async def sent(self, member_id: int, send_id: str) -> None:
+        """The card of `send_id` was answered by WeCom now: its slot counts from now (see the scripts' comment)."""
+        await self._redis.zadd(
+            self._keys.card_window(member_id), {send_id: int(self._clock.now() * 1000)}, xx=True
+        )
+
     async def release(self, member_id: int) -> tuple[str, list[CardItem]] | None:
         """(send id, held cards, urgent first) when the member's held cards may go now; None otherwise."""
         args = self._args(member_id, urgent=False)
@@ -232,18 +240,25 @@ class MemberCards:
 
         `conversation` and `tags`, when the caller has just read them, save the card reading them again.
         """
-        if self._budget is not None and await self._budget.take_or_hold(member.id, item) is None:
-            log.info("agent card held", agent_id=member.id, kind=item.kind, conversation_id=item.conversation_id)
-            return False
-        return await self._sender.notify_agent(
-            member,
-            item.conversation_id,
-            item.kind,
-            level=item.level,
-            extra=item.extra,
-            conversation=conversation,
-            tags=tags,
-        )
+        send_id = None
+        if self._budget is not None:
+            send_id = await self._budget.take_or_hold(member.id, item)
+            if send_id is None:
+                log.info("agent card held", agent_id=member.id, kind=item.kind, conversation_id=item.conversation_id)
+                return False
+        try:
+            return await self._sender.notify_agent(
+                member,
+                item.conversation_id,
+                item.kind,
+                level=item.level,
+                extra=item.extra,
+                conversation=conversation,
+                tags=tags,
+            )
+        finally:
+            if self._budget is not None and send_id is not None:
+                await self._budget.sent(member.id, send_id)
 
     async def flush(self) -> int:
         """Send the held cards of every member whose window allows it now; returns how many cards went out."""
@@ -259,13 +274,16 @@ class MemberCards:
             if member is None:
                 log.warning("held cards for an unknown member dropped", agent_id=member_id, cards=len(items))
                 continue
-            if len(items) == 1:
-                item = items[0]
-                ok = await self._sender.notify_agent(
-                    member, item.conversation_id, item.kind, level=item.level, extra=item.extra
-                )
-            else:
-                ok = await self._sender.notify_digest(member, items, card_id)
+            try:
+                if len(items) == 1:
+                    item = items[0]
+                    ok = await self._sender.notify_agent(
+                        member, item.conversation_id, item.kind, level=item.level, extra=item.extra
+                    )
+                else:
+                    ok = await self._sender.notify_digest(member, items, card_id)
+            finally:
+                await self._budget.sent(member_id, card_id)
             sent += ok
         return sent
 

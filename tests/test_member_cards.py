@@ -103,14 +103,40 @@ async def test_urgent_cards_go_at_once_until_the_minute_is_full_then_wait_for_a_
     assert not await desk.send(zhang, CardItem(30, "assigned"))  # the 31st within a minute: WeCom would drop it
     assert not await desk.send(zhang, CardItem(31, "transferred"))
     assert await desk.flush() == 0  # still 30 in the last minute
-    clock.advance(29)
-    assert await desk.flush() == 0  # 59 s after the first card
-    clock.advance(1)  # 60 s after the first card: its slot is free again
+    clock.advance(31)
+    assert await desk.flush() == 0  # 61 s after the first card: WeCom may have had it a little later
+    clock.advance(1)  # 62 s after the first card: its slot is free again
     assert await desk.flush() == 1
 
     assert cards.sent[-1][:3] == ("zhangsan", "digest", [(30, "assigned"), (31, "transferred")])
     assert await desk.held() == 0
     assert cards.most_in_a_minute("zhangsan") <= 30
+
+
+class SlowCards(Cards):
+    """WeCom answers each card 5 s after it was asked for (a loaded process)."""
+
+    async def notify_agent(self, agent: AgentRecord, conversation_id: int, kind: str, **kw: object) -> bool:
+        self.clock.advance(5)
+        return await super().notify_agent(agent, conversation_id, kind)
+
+
+async def test_a_slot_counts_from_when_wecom_had_the_card_not_from_when_it_was_taken(
+    redis: Redis, backend: Backend
+) -> None:
+    clock = ManualClock(T0)
+    zhang = member(1, "zhangsan")
+    cards = SlowCards(clock, [zhang])
+    desk = gate(redis, backend, clock, cards, per_minute=3, minute_reserve=0)
+
+    for conversation_id in range(3):  # taken at T0, T0+5, T0+10; WeCom has each 5 s later
+        assert await desk.send(zhang, CardItem(conversation_id, "assigned"))
+    clock.advance(62 - 15)  # 62 s after the first slot was taken, but only 57 s after WeCom had that card
+    assert not await desk.send(zhang, CardItem(3, "assigned"))
+    assert await desk.flush() == 0
+    clock.advance(5)  # 62 s after WeCom had the first card
+    assert await desk.flush() == 1
+    assert cards.told("zhangsan") == [(i, "assigned") for i in range(4)]
 
 
 async def test_sla_cards_are_paced_and_what_arrives_meanwhile_is_one_digest(redis: Redis, backend: Backend) -> None:
@@ -170,7 +196,7 @@ async def test_sla_cards_leave_the_reserve_to_assignments(redis: Redis, backend:
     for conversation_id in range(24, 30):
         assert await desk.send(zhang, CardItem(conversation_id, "assigned"))
     assert not await desk.send(zhang, CardItem(30, "assigned"))
-    clock.advance(61)
+    clock.advance(62)
     assert await desk.flush() == 1
 
     assert cards.sent[-1][1:3] == ("digest", [(30, "assigned"), (100, "warned")])  # the assignment first
@@ -188,7 +214,7 @@ async def test_the_hour_limit_holds_as_well(redis: Redis, backend: Backend) -> N
         clock.advance(15)  # 4 a minute: the minute never fills, the hour does
     assert sent_now == [True] * 8 + [False] * 4
     assert await desk.flush() == 0
-    clock.advance(3600 - 12 * 15 + 1)  # the first card's hour is over
+    clock.advance(3602 - 12 * 15)  # the first card's hour (and the margin) is over
     assert await desk.flush() == 1
     assert cards.told("zhangsan") == [(i, "assigned") for i in range(12)]
 
