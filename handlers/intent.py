@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from handlers.domain import Channel, HandlerContext, InboundMessage, OutboundMessage
+from handlers.domain import HandlerContext, InboundMessage, OutboundMessage
 from handlers.handoff import HANDOFF_EVENT, NO_MATCH_EVENT, is_customer_text
-from handlers.scripted import KF_MAX_REPLIES, Answer, _eligible, _for_app, _outbound, _query, _values
+from handlers.scripted import Answer, _eligible, _query, _values, answer_replies
 from scripts_library import Library, Query, RenderError, Script, choose_variant, render
 
 HANDOFF_LABEL = "handoff"
@@ -293,15 +293,7 @@ def routed_replies(message: InboundMessage, context: HandlerContext, script_id: 
         items = render(matcher.library, script, variant, _values(context))
     except RenderError:
         return None
-    answer = Answer(script, variant, assignment, tuple(items))
-    replies: list[OutboundMessage] = []
-    for item in answer.items:
-        if message.channel is Channel.APP:
-            msgtype, content = _for_app(item)
-            replies.append(_outbound(message, answer, item, msgtype=msgtype, content=content))
-        else:
-            replies.append(_outbound(message, answer, item))
-    return replies[:KF_MAX_REPLIES] if message.channel is Channel.KF else replies
+    return answer_replies(message, Answer(script, variant, assignment, tuple(items)))
 
 
 def audit_record(

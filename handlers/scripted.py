@@ -238,6 +238,11 @@ async def scripted_reply(message: InboundMessage, context: HandlerContext) -> Ha
     answer = _answer_for(context.matcher, query, _values(context))
     if answer is None:
         return UNHANDLED
+    return answer_replies(message, answer)
+
+
+def answer_replies(message: InboundMessage, answer: Answer) -> list[OutboundMessage]:
+    """The outbound messages of an answer to this message: app-shaped for staff, at most KF_MAX_REPLIES on kf."""
     replies: list[OutboundMessage] = []
     for item in answer.items:
         if message.channel is Channel.APP:
@@ -245,7 +250,5 @@ async def scripted_reply(message: InboundMessage, context: HandlerContext) -> Ha
             replies.append(_outbound(message, answer, item, msgtype=msgtype, content=content))
         else:
             replies.append(_outbound(message, answer, item))
-    if message.channel is Channel.KF:
-        return replies[:KF_MAX_REPLIES]
-    return replies
+    return replies[:KF_MAX_REPLIES] if message.channel is Channel.KF else replies
 
