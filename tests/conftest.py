@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.settings import Settings, load_settings
+from bot.storage.db import create_engine, upgrade_async
 
 REAL_POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REAL_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -111,3 +113,12 @@ def make_settings(backend: Backend | None = None, **overrides: object) -> Settin
 @pytest.fixture
 def settings(backend: Backend) -> Settings:
     return make_settings(backend)
+
+
+@pytest.fixture
+async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
+    """A migrated database on the test's backend."""
+    eng = create_engine(make_settings(backend))
+    await upgrade_async(eng)
+    yield eng
+    await eng.dispose()

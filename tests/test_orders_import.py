@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,13 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.cli_customers import recompute_all_tags, register, run_import_orders
 from bot.orders_import import BadRow, import_orders, parse_amount, parse_orders_csv
-from bot.storage.db import create_engine, create_session_factory, upgrade_async
+from bot.storage.db import create_session_factory
 from bot.storage.models import Base, Customer, CustomerTag
 from bot.storage.repositories import Repositories
 from bot.storage.tags_repository import OrderRow, TagRepository
 from handlers.domain import Channel, InboundMessage, KfOrigin
 from handlers.tags import TagSource
-from tests.conftest import Backend, make_settings
 
 NOW = datetime(2025, 6, 1, 4, 0, tzinfo=UTC)  # 12:00 in Shanghai
 HEADER = "external_userid,order_id,amount,paid_at\n"
@@ -35,14 +33,6 @@ class FakeClock:
 
     def now(self) -> float:
         return self.at.timestamp()
-
-
-@pytest.fixture
-async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(make_settings(backend))
-    await upgrade_async(eng)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

@@ -4,14 +4,13 @@ delivery-row storage (bot/storage/posts_repository.py) on both backends."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.storage.db import create_engine, create_session_factory, upgrade_async
+from bot.storage.db import create_session_factory
 from bot.storage.models import DeliveryState, TargetKind
 from bot.storage.posts_repository import NewTarget, PostRecord, PostRepository
 from handlers.post_content import ContentError, render
@@ -24,7 +23,6 @@ from scheduler.slots import (
     slots_between,
     validate_rule,
 )
-from tests.conftest import Backend, make_settings
 
 SH = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2025, 3, 1, 8, 0, tzinfo=SH)
@@ -193,14 +191,6 @@ class FakeClock:
 
     def now(self) -> float:
         return self.value
-
-
-@pytest.fixture
-async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(make_settings(backend))
-    await upgrade_async(eng)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from bot.storage.db import (
     ping,
     schema_status,
     upgrade,
-    upgrade_async,
 )
 from bot.storage.models import Base, ConversationStatus, Direction, MessageStatus, OutboxStatus
 from bot.storage.repositories import Repositories
@@ -44,14 +43,6 @@ class FakeClock:
 
     def now(self) -> float:
         return self.value
-
-
-@pytest.fixture
-async def engine(backend: Backend) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(make_settings(backend))
-    await upgrade_async(eng)
-    yield eng
-    await eng.dispose()
 
 
 @pytest.fixture
