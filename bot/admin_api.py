@@ -23,6 +23,7 @@ from aiohttp import web
 from bot.auth import ROLE_PERMISSIONS, STAFF, Permission, bearer_auth, json_error, require
 from bot.csat import CsatReporter
 from bot.orders_import import import_orders_records
+from bot.posts_api import PostsApi
 from bot.scripts_overlay import (
     MAX_BODY_CHARS,
     Overlay,
@@ -476,4 +477,5 @@ def create_api_app(services: Services) -> web.Application:
     """The /api sub-application: its own middlewares, so the callback path pays nothing for them."""
     api = web.Application(middlewares=[_api_errors, bearer_auth(services.repos.staff)])
     api.add_routes(AdminApi(services).routes())
+    api.add_routes(PostsApi(services).routes())  # /api/posts..., /api/openapi.json
     return api

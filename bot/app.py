@@ -35,10 +35,17 @@ from bot.metrics import Metrics
 from bot.ops import ops_routes
 from bot.outbound import WeComSender
 from bot.pipeline import Pipeline
-from bot.post_delivery import DeliveryConfig, PostDeliveryEngine
+from bot.post_delivery import (
+    AudienceGate,
+    DeliveryAudienceFacts,
+    DeliveryConfig,
+    PostDeliveryEngine,
+    audience_rules,
+)
 from bot.queue import InboundQueue
 from bot.redis_conn import create_redis
 from bot.redis_keys import RedisKeys
+from bot.reminders import ReminderService
 from bot.scripts_overlay import EMPTY_OVERLAY, Overlay, RevisionOverlaySource
 from bot.scripts_reload import ScriptsWatcher, Snapshot, StatSignature, load_with_snapshot, problems_summary
 from bot.settings import Settings, SettingsError
@@ -59,9 +66,10 @@ from bot.wecom.crypto import CallbackCrypto
 from bot.worker import WorkerRuntime
 from handlers.dispatcher import Dispatcher
 from handlers.domain import Clock, SystemClock
+from handlers.reminders import ReminderConfig
 from handlers.scripted import contact_added_without_welcome_code, contact_welcome, kf_welcome, scripted_reply
 from handlers.tags import TagConfig
-from scheduler.runner import RecomputeSchedule, build_post_scheduler, build_scheduler
+from scheduler.runner import RecomputeSchedule, add_reminders_job, build_post_scheduler, build_scheduler
 from scripts_library import Library, Matcher, Problem
 
 log = structlog.get_logger(__name__)
@@ -463,18 +471,40 @@ def build_post_engine(services: Services) -> PostDeliveryEngine:
         mass_remind_after=timedelta(seconds=settings.posts_mass_remind_after_s),
         mass_deadline=timedelta(seconds=settings.posts_mass_deadline_s),
         agent_id=settings.wecom_agent_id,
+        audience_max_hold=timedelta(seconds=settings.audience_max_hold_s),
     )
     # The robot client never retries by itself: after a timeout WeCom may have posted, and the engine decides.
     robot = RobotClient(services.http, settings.wecom_api_base, metrics=services.metrics, max_retries=0)
+    sessions = create_session_factory(services.engine)
+    repo = PostRepository(sessions, services.clock)
+    # Quiet hours, daily caps, opt-out and de-duplication for customer-facing sends (AUDIENCE_*, docs/audience.md).
+    rules = audience_rules(
+        quiet_hours=settings.audience_quiet_hours,
+        customer_daily_cap=settings.audience_customer_daily_cap,
+        group_daily_cap=settings.audience_group_daily_cap,
+        dedupe_window_s=settings.audience_dedupe_window_s,
+    )
+    facts = DeliveryAudienceFacts(repo, SubscriptionRepository(sessions, services.clock))
     return PostDeliveryEngine(
-        PostRepository(create_session_factory(services.engine), services.clock),
+        repo,
         app=services.app_client,
         kf=services.kf_client,
         robot=robot,
         redis=services.redis,
         keys=services.keys,
         config=config,
+        audience=AudienceGate(rules, facts),
     )
+
+
+def build_reminders(services: Services) -> ReminderService:
+    """Reminder posts (digest, churn recall, repurchase) over the process's services (settings: REMINDERS_*)."""
+    settings = services.settings
+    config = ReminderConfig(
+        repurchase_days=settings.reminders_repurchase_days, recall_cooldown_days=settings.reminders_recall_cooldown_days
+    )
+    sessions = create_session_factory(services.engine)
+    return ReminderService(sessions, services.clock, config, owner=settings.reminders_owner)
 
 
 def create_app(services: Services, *, worker_count: int | None = None) -> web.Application:
@@ -533,6 +563,14 @@ def create_app(services: Services, *, worker_count: int | None = None) -> web.Ap
             interval_s=settings.posts_tick_interval_s,
             now=lambda: datetime.fromtimestamp(services.clock.now(), UTC),
         )
+        if settings.reminders_enabled:  # the day's reminder posts, created on the leader (docs/scheduling.md)
+            add_reminders_job(
+                scheduler,
+                build_reminders(services),
+                leader,
+                cron=settings.reminders_cron,
+                now=lambda: datetime.fromtimestamp(services.clock.now(), UTC),
+            )
         scheduler.start()
         yield
         scheduler.shutdown(wait=False)

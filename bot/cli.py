@@ -251,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.set_defaults(func=cmd_chat)
 
-    from bot import cli_customers, cli_posts, cli_scripts, cli_staff
+    from bot import cli_customers, cli_posts, cli_reminders, cli_scripts, cli_staff
 
     cli_scripts.register(sub)
     cli_customers.register(sub)
     cli_staff.register(sub)
     cli_posts.register(sub)
+    cli_reminders.register(sub)
     return parser
 
 

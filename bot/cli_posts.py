@@ -23,12 +23,22 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot.cli_args import positive_int, run_with_database
 from bot.settings import Settings
 from bot.storage.models import PostStatus, TargetKind
-from bot.storage.posts_repository import DuplicateName, NewTarget, PostRecord, PostRepository
+from bot.storage.posts_repository import (
+    DeliveryRecord,
+    DuplicateName,
+    NewTarget,
+    PostRecord,
+    PostRepository,
+    TargetRecord,
+)
 from bot.storage.staff_repository import AuditRepository
-from handlers.post_content import ContentError, preview_text, render
+from handlers.post_content import ContentError, Rendered, preview_text, render
 from scheduler.slots import DEFAULT_TIMEZONE, Rule, RuleError, next_slots, validate_rule, zone
 
 CLI_ACTOR = "cli"
+MAX_OWNER_CHARS = 64  # the columns' sizes (bot/storage/models.py)
+MAX_CRON_CHARS = 120
+MAX_TARGET_CHARS = 255
 
 POSTS_DESCRIPTION = """\
 Scheduled community content: one-off posts (--at) and recurring ones (--cron, a crontab line in --timezone,
@@ -91,6 +101,10 @@ async def build_post(repo: PostRepository, spec: PostSpec, now: datetime) -> Val
         raise PostInputError("the title is longer than 200 characters")
     if not spec.owner.strip():
         raise PostInputError("a post needs an owner (the member userid told about failures)")
+    if len(spec.owner) > MAX_OWNER_CHARS:
+        raise PostInputError(f"the owner is longer than {MAX_OWNER_CHARS} characters")
+    if spec.cron is not None and len(spec.cron) > MAX_CRON_CHARS:
+        raise PostInputError(f"the cron line is longer than {MAX_CRON_CHARS} characters")
     if (spec.at is None) == (spec.cron is None):
         raise PostInputError("give exactly one of --at (one-off) or --cron (recurring)")
     try:
@@ -119,6 +133,9 @@ async def build_post(repo: PostRepository, spec: PostSpec, now: datetime) -> Val
     targets.extend(NewTarget(TargetKind.STAFF, userid) for userid in spec.staff)
     if not targets:
         raise PostInputError("a post needs at least one target (--robot, --group, --segment or --staff)")
+    for target in targets:
+        if len(target.ref) > MAX_TARGET_CHARS:
+            raise PostInputError(f"{target.kind.value} {target.ref[:20]}…: longer than {MAX_TARGET_CHARS} characters")
     if len({(t.kind, t.ref) for t in targets}) != len(targets):
         raise PostInputError("the same target is given twice")
     for target in targets:
@@ -146,17 +163,12 @@ def _err(text: str) -> None:
     print(f"error: {text}", file=sys.stderr)
 
 
-async def add_post(
-    sessions: async_sessionmaker[AsyncSession], spec: PostSpec, now: datetime, out: TextIO | None = None
-) -> int:
-    """Validate and store a post; exit code 2 with one line on stderr when the input is refused."""
-    out = out or sys.stdout
-    repo = PostRepository(sessions)
-    try:
-        valid = await build_post(repo, spec, now)
-    except PostInputError as exc:
-        _err(str(exc))
-        return 2
+async def store_post(
+    repo: PostRepository, audit: AuditRepository, spec: PostSpec, now: datetime, actor: str
+) -> PostRecord:
+    """Validate (build_post), store and audit a post: the one way the CLI, the REST API and the console create
+    posts. PostInputError (nothing stored) when the input is refused."""
+    valid = await build_post(repo, spec, now)
     post = await repo.add_post(
         owner=spec.owner,
         title=spec.title,
@@ -165,7 +177,64 @@ async def add_post(
         rule=valid.rule,
         targets=valid.targets,
     )
-    await AuditRepository(sessions).record(CLI_ACTOR, "post.add", f"post:{post.id}", {"owner": spec.owner})
+    await audit.record(actor, "post.add", f"post:{post.id}", {"owner": spec.owner})
+    return post
+
+
+async def cancel_and_audit(repo: PostRepository, audit: AuditRepository, post_id: int, actor: str) -> int | None:
+    """Cancel a post (its scheduled deliveries become skipped) and audit it; None when there is no such post."""
+    skipped = await repo.cancel_post(post_id)
+    if skipped is not None:
+        await audit.record(actor, "post.cancel", f"post:{post_id}", {"skipped": skipped})
+    return skipped
+
+
+def upcoming_slots(post: PostRecord, now: datetime, count: int) -> list[datetime]:
+    """The next `count` slots of an active post (none once it is cancelled)."""
+    return next_slots(post.rule, now, count) if post.status is PostStatus.ACTIVE else []
+
+
+@dataclass(frozen=True, slots=True)
+class TargetPreview:
+    """The content as one target will receive it, or why it cannot be sent."""
+
+    target: TargetRecord
+    rendered: Rendered | None
+    error: str | None
+
+    @property
+    def text(self) -> str:
+        return preview_text(self.rendered) if self.rendered is not None else ""
+
+
+def target_previews(post: PostRecord) -> list[TargetPreview]:
+    out: list[TargetPreview] = []
+    for target in post.targets:
+        try:
+            out.append(TargetPreview(target, render(post.kind, post.content, target.kind.value), None))
+        except ContentError as exc:
+            out.append(TargetPreview(target, None, str(exc)))
+    return out
+
+
+def deliveries_by_target(post: PostRecord, deliveries: Sequence[DeliveryRecord]) -> dict[int, list[DeliveryRecord]]:
+    """The post's delivery rows per target id (every target present, in slot order)."""
+    by_target: dict[int, list[DeliveryRecord]] = {t.id: [] for t in post.targets}
+    for delivery in deliveries:
+        by_target.setdefault(delivery.target_id, []).append(delivery)
+    return by_target
+
+
+async def add_post(
+    sessions: async_sessionmaker[AsyncSession], spec: PostSpec, now: datetime, out: TextIO | None = None
+) -> int:
+    """Validate and store a post; exit code 2 with one line on stderr when the input is refused."""
+    out = out or sys.stdout
+    try:
+        post = await store_post(PostRepository(sessions), AuditRepository(sessions), spec, now, CLI_ACTOR)
+    except PostInputError as exc:
+        _err(str(exc))
+        return 2
     upcoming = next_slots(post.rule, now, 1)
     first = f"; first slot {_local(upcoming[0], post.rule.timezone)}" if upcoming else ""
     print(f"added post {post.id}: {post.title} ({_rule_text(post)}, {len(post.targets)} target(s){first})", file=out)
@@ -193,9 +262,9 @@ async def show_post(sessions: async_sessionmaker[AsyncSession], post_id: int, ou
         return 1
     print(f"post {post.id}: {post.title}", file=out)
     print(f"  owner {post.owner}, {post.kind}, {_rule_text(post)}, {post.status.value}", file=out)
-    deliveries = await repo.deliveries(post_id=post_id)
+    by_target = deliveries_by_target(post, await repo.deliveries(post_id=post_id))
     for target in post.targets:
-        mine = [d for d in deliveries if d.target_id == target.id]
+        mine = by_target[target.id]
         counts = Counter(d.state.value for d in mine)
         summary = ", ".join(f"{state} {count}" for state, count in sorted(counts.items())) or "nothing due yet"
         print(f"  {target.label}: {summary}", file=out)
@@ -216,11 +285,10 @@ async def show_post(sessions: async_sessionmaker[AsyncSession], post_id: int, ou
 
 async def cancel_post(sessions: async_sessionmaker[AsyncSession], post_id: int, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    skipped = await PostRepository(sessions).cancel_post(post_id)
+    skipped = await cancel_and_audit(PostRepository(sessions), AuditRepository(sessions), post_id, CLI_ACTOR)
     if skipped is None:
         _err(f"no post {post_id}")
         return 1
-    await AuditRepository(sessions).record(CLI_ACTOR, "post.cancel", f"post:{post_id}")
     print(f"post {post_id} cancelled; {skipped} scheduled delivery(ies) skipped", file=out)
     return 0
 
@@ -235,16 +303,15 @@ async def preview_post(
         _err(f"no post {post_id}")
         return 1
     print(f"post {post.id}: {post.title} ({_rule_text(post)})", file=out)
-    slots = next_slots(post.rule, now, count) if post.status is PostStatus.ACTIVE else []
+    slots = upcoming_slots(post, now, count)
     print("next slots:" if slots else "next slots: none", file=out)
     for slot in slots:
         print(f"  {_local(slot, post.rule.timezone)} ({post.rule.timezone})", file=out)
-    for target in post.targets:
-        try:
-            rendered = render(post.kind, post.content, target.kind.value)
-            print(f"{target.label} [{rendered.msgtype}]: {preview_text(rendered)}", file=out)
-        except ContentError as exc:
-            print(f"{target.label}: cannot be sent: {exc}", file=out)
+    for item in target_previews(post):
+        if item.rendered is not None:
+            print(f"{item.target.label} [{item.rendered.msgtype}]: {item.text}", file=out)
+        else:
+            print(f"{item.target.label}: cannot be sent: {item.error}", file=out)
     return 0
 
 

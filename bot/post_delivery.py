@@ -17,6 +17,11 @@ One tick, in order:
    A send held by our own rate limit goes back to `scheduled` for when the window frees (never dropped);
    transient WeCom errors retry with exponential backoff; permanent ones fail and the owner is told.
 
+The audience policy (handlers/audience.py: quiet hours, daily caps, opt-out, de-duplication) is asked through
+`AudienceGate`, its facts read from the touch history (`post_touches`: one row per send to one customer or
+group) and the subscriptions. A hold with an `until` (quiet hours, a daily cap) puts the delivery back to
+`scheduled` at that instant; a hold without one (opted out) or for duplicate content is `skipped`.
+
 Rows are processed in lanes (one per target: a robot, a member, a customer group), lanes concurrently and each
 lane in order, so one slow robot does not delay the others and per-target counts (rate windows, the monthly
 cap) are read and written by one task at a time. Logs name post, delivery and target kind; never a webhook
@@ -47,8 +52,24 @@ from bot.storage.posts_repository import (
     PostRepository,
     RobotRecord,
     TargetRecord,
+    Touch,
 )
+from bot.storage.subscription_repository import SubscriptionRepository
 from bot.wecom.errors import WeComApiError, WeComError, WeComTransportError
+from handlers.audience import (
+    AudienceFacts,
+    AudienceFactsPort,
+    Hold,
+    HoldReason,
+    ProposedSend,
+    QuietHours,
+    RecipientKind,
+    SendKind,
+    check,
+    content_fingerprint,
+)
+from handlers.audience import AudiencePolicy as AudienceRules
+from handlers.business_hours import DEFAULT_TIMEZONE
 from handlers.post_content import ContentError, Rendered, render
 from scheduler.slots import china_month_bounds, slots_between
 
@@ -134,10 +155,15 @@ class RobotApi(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class AudienceDecision:
-    """The audience policy's answer for one send: allow, or hold it back with a reason (recorded as skipped)."""
+    """The audience policy's answer for one send: allow, or hold it back with a reason.
+
+    A hold with `until` (quiet hours, a daily cap) is tried again then; one without (opted out, duplicate
+    content) is recorded as skipped.
+    """
 
     allow: bool
     reason: str | None = None
+    until: datetime | None = None
 
 
 ALLOW = AudienceDecision(True)
@@ -147,8 +173,113 @@ AudiencePolicy = Callable[[PostRecord, TargetRecord, "str | None", datetime], Aw
 async def allow_everything(
     _post: PostRecord, _target: TargetRecord, _recipient: str | None, _now: datetime
 ) -> AudienceDecision:
-    """The default policy until handlers/audience.py (quiet hours, caps, opt-out, de-dup) is plugged in."""
+    """No audience rules (tests of the channels; staff-only deployments). Production passes an AudienceGate."""
     return ALLOW
+
+
+# ---- the audience policy over the delivery history ---------------------------------------------------------------
+
+
+def send_kind(post: PostRecord) -> SendKind:
+    """Marketing unless the post says `content.send_kind = "transactional"` (order and service notices)."""
+    transactional = post.content.get("send_kind") == SendKind.TRANSACTIONAL.value
+    return SendKind.TRANSACTIONAL if transactional else SendKind.MARKETING
+
+
+def post_fingerprint(post: PostRecord) -> str:
+    """The content's fingerprint: equal text (after normalisation) from two posts or plans is the same content."""
+    content = post.content
+    if post.kind in ("text", "markdown"):
+        parts = [str(content.get(post.kind) or "")]
+    elif post.kind == "link":
+        parts = [str(content.get("title") or ""), str(content.get("url") or "")]
+    elif post.kind == "news":
+        articles = [a for a in content.get("articles") or [] if isinstance(a, Mapping)]
+        parts = [f"{a.get('title') or ''} {a.get('url') or ''}" for a in articles]
+    else:  # image, file: what identifies the media
+        parts = [str(content.get(key) or "") for key in ("pic_url", "md5", "media_id")]
+    return content_fingerprint(*parts)
+
+
+def audience_recipient(target: TargetRecord, recipient: str | None) -> tuple[RecipientKind, str, str] | None:
+    """(kind, id, timezone) of whom a send reaches, or None for staff (not customer-facing: no audience rules).
+
+    Customers are keyed by external_userid (one person across kf and 客户联系), groups by `robot:{name}` or the
+    customer group's chat_id; a group's timezone may be set as the target's `timezone` param.
+    """
+    timezone = str(target.params.get("timezone") or DEFAULT_TIMEZONE)
+    if target.kind is TargetKind.STAFF:
+        return None
+    if recipient is not None:
+        return RecipientKind.CUSTOMER, recipient, DEFAULT_TIMEZONE
+    if target.kind is TargetKind.ROBOT:
+        return RecipientKind.GROUP, f"robot:{target.ref}", timezone
+    if target.kind is TargetKind.GROUP_CHAT:
+        return RecipientKind.GROUP, target.ref, timezone
+    return None  # a segment is decided per customer
+
+
+def audience_rules(
+    *, quiet_hours: str, customer_daily_cap: int, group_daily_cap: int, dedupe_window_s: float
+) -> AudienceRules:
+    """The policy from settings, where "" (quiet hours) and 0 (caps, window) switch a rule off."""
+    return AudienceRules(
+        quiet_hours=QuietHours.parse(quiet_hours) if quiet_hours.strip() else None,
+        customer_daily_cap=customer_daily_cap or None,
+        group_daily_cap=group_daily_cap or None,
+        dedupe_window_s=dedupe_window_s or None,
+    )
+
+
+class DeliveryAudienceFacts:
+    """`AudienceFactsPort` over the touch history of deliveries and the customers' subscriptions."""
+
+    def __init__(self, repo: PostRepository, subscriptions: SubscriptionRepository | None) -> None:
+        self._repo = repo
+        self._subscriptions = subscriptions
+
+    async def facts(self, send: ProposedSend, day_start: float, day_end: float, dedupe_since: float) -> AudienceFacts:
+        kind = send.recipient_kind.value
+        customer = send.recipient_kind is RecipientKind.CUSTOMER
+        if customer and self._subscriptions is not None and send.recipient_id in (
+            await self._subscriptions.opted_out_external_ids([send.recipient_id])
+        ):
+            return AudienceFacts(opted_out=True)  # the first rule: nothing else to read
+        today = await self._repo.count_touches(kind, send.recipient_id, tick_now(day_start), tick_now(day_end))
+        recent: dict[str, float] = {}
+        if customer:
+            since = await self._repo.recent_fingerprints(kind, send.recipient_id, tick_now(dedupe_since))
+            recent = {fingerprint: at.timestamp() for fingerprint, at in since.items()}
+        return AudienceFacts(sends_today=today, opted_out=False, recent=recent)
+
+
+class AudienceGate:
+    """The engine's audience hook: handlers.audience's pure policy, with its facts read through a port."""
+
+    def __init__(self, rules: AudienceRules, port: AudienceFactsPort) -> None:
+        self.rules = rules
+        self._port = port
+
+    async def __call__(
+        self, post: PostRecord, target: TargetRecord, recipient: str | None, now: datetime
+    ) -> AudienceDecision:
+        who = audience_recipient(target, recipient)
+        if who is None:
+            return ALLOW
+        kind, recipient_id, timezone = who
+        send = ProposedSend(
+            recipient_id=recipient_id,
+            recipient_kind=kind,
+            fingerprint=post_fingerprint(post),
+            kind=send_kind(post),
+            channel=target.kind.value,
+            timezone=timezone,
+        )
+        decision = await check(self.rules, self._port, send, now.timestamp())
+        if not isinstance(decision, Hold):
+            return ALLOW
+        until = None if decision.until is None else tick_now(decision.until)
+        return AudienceDecision(False, decision.reason.value, until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +297,8 @@ class DeliveryConfig:
     mass_remind_after: timedelta = timedelta(hours=4)
     mass_deadline: timedelta = timedelta(hours=24)
     agent_id: int | None = None
+    # An audience hold (quiet hours, a daily cap) that would send later than this after the slot: skipped instead.
+    audience_max_hold: timedelta = timedelta(days=3)
 
 
 @dataclass(slots=True)
@@ -211,6 +344,8 @@ class _Tick:
     notices: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     robots: dict[str, RobotRecord | None] = field(default_factory=dict)
     called: set[int] = field(default_factory=set)  # deliveries whose WeCom call started in this tick
+    # One customer at a time across lanes: decide, send and record the touch (caps and de-dup read the touches).
+    recipients: dict[str, asyncio.Lock] = field(default_factory=dict)
 
 
 class PostDeliveryEngine:
@@ -368,12 +503,56 @@ class PostDeliveryEngine:
             return await self._send_segment(tick, delivery, post, target, rendered)
         decision = await self._audience(post, target, None, tick.now)
         if not decision.allow:
-            return Outcome(DeliveryState.SKIPPED, reason=decision.reason or "audience_policy")
+            return self._audience_hold(tick, delivery, decision)
         if target.kind is TargetKind.ROBOT:
-            return await self._send_robot(tick, delivery, target, rendered)
+            outcome = await self._send_robot(tick, delivery, target, rendered)
+            if outcome is not None and outcome.state is DeliveryState.SENT:
+                await self._touch(delivery, post, target, None, tick.now)
+            return outcome
         if target.kind is TargetKind.GROUP_CHAT:
-            return await self._send_mass(tick, delivery, post, target, rendered)
+            outcome = await self._send_mass(tick, delivery, post, target, rendered)
+            if outcome is not None and outcome.state is DeliveryState.SENDING:
+                await self._touch(delivery, post, target, None, tick.now)  # counted when the task is created
+            return outcome
         return await self._send_staff(tick, delivery, target, rendered)
+
+    def _audience_hold(self, tick: _Tick, delivery: DeliveryRecord, decision: AudienceDecision) -> Outcome:
+        """A held robot, group or staff delivery: back to `scheduled` at `until`, or skipped with the reason."""
+        reason = decision.reason or "audience_policy"
+        if self._holds_until(delivery, decision) is None:
+            return Outcome(DeliveryState.SKIPPED, reason=reason)
+        tick.report.held += 1
+        deferred = dict(delivery.detail.get("deferred") or {})
+        deferred[reason] = int(deferred.get(reason, 0)) + 1
+        return Outcome(
+            DeliveryState.SCHEDULED,
+            reason=reason,
+            retry_at=decision.until,
+            held=True,
+            detail={**delivery.detail, "deferred": deferred},
+        )
+
+    def _holds_until(self, delivery: DeliveryRecord, decision: AudienceDecision) -> datetime | None:
+        """When a held send is tried again; None: not at all (no `until`, or later than the longest hold)."""
+        if decision.until is None or decision.reason == HoldReason.DUPLICATE_CONTENT.value:
+            return None
+        if decision.until - delivery.slot_at > self.config.audience_max_hold:
+            return None
+        return decision.until
+
+    async def _touch(
+        self, delivery: DeliveryRecord, post: PostRecord, target: TargetRecord, recipient: str | None, now: datetime
+    ) -> None:
+        """Record a send in the audience history; best effort (a send is not failed for its bookkeeping)."""
+        who = audience_recipient(target, recipient)
+        if who is None:
+            return
+        kind, recipient_id, _timezone = who
+        touch = Touch(kind.value, recipient_id, post_fingerprint(post), send_kind(post) is SendKind.MARKETING)
+        try:
+            await self.repo.record_touches(delivery.id, [touch], now)
+        except Exception:
+            log.exception("posts.touch.not_recorded", delivery_id=delivery.id, post_id=delivery.post_id)
 
     async def _audience(
         self, post: PostRecord, target: TargetRecord, recipient: str | None, now: datetime
@@ -510,41 +689,74 @@ class PostDeliveryEngine:
     async def _send_segment(
         self, tick: _Tick, delivery: DeliveryRecord, post: PostRecord, target: TargetRecord, rendered: Rendered
     ) -> Outcome | None:
+        """Each kf customer of the segment inside their 48 h window, one by one through the audience policy.
+
+        A customer this delivery reached before (an earlier attempt, or before a hold) is not sent to again.
+        Customers held until later (quiet hours, a daily cap) keep the row `scheduled` for the earliest of them;
+        the others held (opted out, duplicate content) are counted in `detail.held` by reason.
+        """
         tags = [t for t in target.ref.split(",") if t]
         recipients, outside = await self.repo.kf_segment(tags, tick.now - KF_WINDOW)
-        detail: dict[str, Any] = {"sent": 0, "outside_48h_window": outside, "held": {}, "refused": 0}
-        if not recipients:
+        done = await self.repo.touched_by(delivery.id) if delivery.attempts or delivery.holds else set()
+        deferred: dict[str, int] = dict(delivery.detail.get("deferred") or {})
+        detail: dict[str, Any] = {"sent": len(done), "outside_48h_window": outside, "held": {}, "refused": 0}
+        if deferred:
+            detail["deferred"] = deferred
+        if not recipients and not done:
             return Outcome(DeliveryState.SKIPPED, reason="no_customer_in_48h_window", detail=detail)
-        if not await self._begin(tick, delivery):
-            return None
+        begun = False
         transient: WeComError | None = None
         permanent: WeComApiError | None = None
+        retry_at: datetime | None = None
+        retry_reason: str | None = None
         for external_userid, open_kfid in recipients:
-            decision = await self._audience(post, target, external_userid, tick.now)
-            if not decision.allow:
-                reason = decision.reason or "audience_policy"
-                detail["held"][reason] = detail["held"].get(reason, 0) + 1
+            if external_userid in done:
                 continue
-            # kf msgid: ≤ 32 chars, unique per account; the same for a retry, so WeCom refuses a second copy.
-            msgid = hashlib.sha256(f"{delivery.idempotency_key}:{external_userid}".encode()).hexdigest()[:32]
-            try:
-                await self._kf.kf_send_msg(external_userid, open_kfid, rendered.msgtype, rendered.body, msgid=msgid)
-                detail["sent"] += 1
-            except WeComApiError as exc:
-                if exc.errcode == KF_DUPLICATE_MSGID and delivery.attempts > 0:
-                    detail["sent"] += 1  # delivered by an earlier attempt
-                elif exc.errcode in KF_WINDOW_ERRCODES:
-                    detail["refused"] += 1
-                elif exc.retryable:
+            async with tick.recipients.setdefault(external_userid, asyncio.Lock()):
+                decision = await self._audience(post, target, external_userid, tick.now)
+                if not decision.allow:
+                    reason = decision.reason or "audience_policy"
+                    until = self._holds_until(delivery, decision)
+                    if until is None:
+                        detail["held"][reason] = detail["held"].get(reason, 0) + 1
+                    else:
+                        deferred[reason] = deferred.get(reason, 0) + 1
+                        detail["deferred"] = deferred
+                        if retry_at is None or until < retry_at:
+                            retry_at, retry_reason = until, reason
+                    continue
+                if not begun:
+                    if not await self._begin(tick, delivery):
+                        return None
+                    begun = True
+                # kf msgid: ≤ 32 chars, unique per account; the same for a retry, so WeCom refuses a second copy.
+                msgid = hashlib.sha256(f"{delivery.idempotency_key}:{external_userid}".encode()).hexdigest()[:32]
+                try:
+                    await self._kf.kf_send_msg(
+                        external_userid, open_kfid, rendered.msgtype, rendered.body, msgid=msgid
+                    )
+                    sent = True
+                except WeComApiError as exc:
+                    sent = exc.errcode == KF_DUPLICATE_MSGID and delivery.attempts > 0  # an earlier attempt's
+                    if not sent and exc.errcode in KF_WINDOW_ERRCODES:
+                        detail["refused"] += 1
+                    elif not sent and exc.retryable:
+                        transient = exc
+                    elif not sent:
+                        permanent = exc
+                        detail["refused"] += 1
+                except WeComTransportError as exc:
+                    sent = False
                     transient = exc
-                else:
-                    permanent = exc
-                    detail["refused"] += 1
-            except WeComTransportError as exc:
-                transient = exc
+                if sent:
+                    detail["sent"] += 1
+                    await self._touch(delivery, post, target, external_userid, tick.now)
         if transient is not None:
             errcode = transient.errcode if isinstance(transient, WeComApiError) else None
             return self._retry(tick, delivery, "transient_error", errcode, str(transient), detail=detail)
+        if retry_at is not None:
+            tick.report.held += 1
+            return Outcome(DeliveryState.SCHEDULED, reason=retry_reason, retry_at=retry_at, held=True, detail=detail)
         if detail["sent"]:
             return Outcome(DeliveryState.SENT, detail=detail)
         if permanent is not None:
@@ -555,7 +767,9 @@ class PostDeliveryEngine:
                 errmsg=permanent.errmsg,
                 detail=detail,
             )
-        return Outcome(DeliveryState.SKIPPED, reason="held_back" if detail["held"] else "no_recipient", detail=detail)
+        held: dict[str, int] = detail["held"]
+        reason = next(iter(held)) if len(held) == 1 else "held_back" if held else "no_recipient"
+        return Outcome(DeliveryState.SKIPPED, reason=reason, detail=detail)
 
     # ---- outcomes -----------------------------------------------------------------------------------------
 
@@ -765,10 +979,16 @@ def tick_now(seconds: float) -> datetime:
 __all__: Sequence[str] = (
     "ALLOW",
     "AudienceDecision",
+    "AudienceGate",
+    "DeliveryAudienceFacts",
     "DeliveryConfig",
     "PostDeliveryEngine",
     "SlidingWindowLimiter",
     "TickReport",
     "allow_everything",
+    "audience_recipient",
+    "audience_rules",
+    "post_fingerprint",
+    "send_kind",
     "tick_now",
 )

@@ -116,6 +116,19 @@ class Settings(BaseSettings):
     posts_mass_remind_after_s: int = Field(default=4 * 3600, ge=60)
     posts_mass_deadline_s: int = Field(default=24 * 3600, ge=60)
     scheduler_leader_ttl_ms: int = Field(default=5000, ge=300, le=600_000)
+    # Reminders (docs/scheduling.md, Reminders): daily digest to leads, churn-recall and repurchase touches.
+    reminders_enabled: bool = True
+    reminders_cron: str = "0 9-11 * * *"  # Asia/Shanghai; each run is idempotent for the local day
+    reminders_repurchase_days: int = Field(default=30, ge=1, le=3650)  # days after the last order
+    reminders_recall_cooldown_days: int = Field(default=30, ge=1, le=3650)  # no second recall within this
+    reminders_owner: str = ""  # member told about failed customer touches ("" = the first lead with a userid)
+    # Protecting the audience of customer-facing posts (docs/audience.md): quiet hours in the recipient's timezone,
+    # daily caps of marketing sends per customer and per group, the de-duplication window. 0 / "" switch a rule off.
+    audience_quiet_hours: str = "22:00-08:00"
+    audience_customer_daily_cap: int = Field(default=3, ge=0, le=1000)
+    audience_group_daily_cap: int = Field(default=5, ge=0, le=1000)
+    audience_dedupe_window_s: int = Field(default=7 * 86_400, ge=0, le=366 * 86_400)
+    audience_max_hold_s: int = Field(default=3 * 86_400, ge=3600)  # a send held later than this after its slot: skipped
 
     # LLM assist (docs/llm.md): off unless OPENAI_BASE_URL and OPENAI_MODEL are both set. Any OpenAI-compatible API.
     openai_base_url: str = ""
@@ -175,6 +188,26 @@ class Settings(BaseSettings):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Asia/Shanghai)") from None
+        return value
+
+    @field_validator("audience_quiet_hours")
+    @classmethod
+    def _quiet_hours(cls, value: str) -> str:
+        from handlers.audience import QuietHours
+
+        if value.strip():
+            QuietHours.parse(value.strip())  # ValueError says what is wrong
+        return value.strip()
+
+    @field_validator("reminders_cron")
+    @classmethod
+    def _reminders_cron(cls, value: str) -> str:
+        from scheduler.slots import RuleError, cron_trigger
+
+        try:
+            cron_trigger(value, "Asia/Shanghai")
+        except (RuleError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @model_validator(mode="after")

@@ -90,3 +90,20 @@ async def recompute_tags_job(
         now=now.isoformat(),
     )
     return result
+
+
+# ---- reminders (issue 5 item 6) --------------------------------------------------------------------------------
+
+
+class ReminderPort(Protocol):
+    """The reminders as the scheduler sees them (bot/reminders.ReminderService): every daily reminder due at
+    `now`, idempotent per local day (a second run the same day creates nothing)."""
+
+    async def run_daily(self, now: datetime) -> object: ...
+
+
+async def daily_reminders_job(port: ReminderPort, now: datetime) -> object:
+    """Create the day's reminder posts (digest, churn recall, repurchase); the delivery engine sends them."""
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    return await port.run_daily(now)

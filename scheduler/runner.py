@@ -19,7 +19,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from scheduler.jobs import TagRecomputePort, recompute_tags_job
+from scheduler.jobs import ReminderPort, TagRecomputePort, daily_reminders_job, recompute_tags_job
+from scheduler.slots import cron_trigger
 
 log = structlog.get_logger(__name__)
 
@@ -138,3 +139,50 @@ def build_post_scheduler(
     scheduler = AsyncIOScheduler(timezone=timezone)
     add_post_tick_job(scheduler, engine, leader, interval_s=interval_s, now=now)
     return scheduler
+
+
+# ---- reminders (issue 5 item 6) --------------------------------------------------------------------------------
+#
+# A cron job on the post scheduler: the leader creates the day's reminder posts (digest to leads, churn recall,
+# repurchase), which the post tick then delivers. The default fires hourly 09:00-11:00: each run is idempotent for
+# the local day, so the later runs only catch up a day whose 09:00 found no leader (a fleet restarting then).
+
+REMINDERS_JOB_ID = "daily-reminders"
+DEFAULT_REMINDERS_CRON = "0 9-11 * * *"
+
+
+async def reminders_job(port: ReminderPort, leader: LeaderPort, now: datetime) -> bool:
+    """Run the daily reminders if this instance leads; True when it ran."""
+    if not leader.is_leader:
+        return False
+    await daily_reminders_job(port, now)
+    return True
+
+
+def add_reminders_job(
+    scheduler: AsyncIOScheduler,
+    port: ReminderPort,
+    leader: LeaderPort,
+    *,
+    cron: str = DEFAULT_REMINDERS_CRON,
+    timezone: str = DEFAULT_TIMEZONE,
+    now: Callable[[], datetime] = _utc_now,
+) -> None:
+    """On `cron` (in `timezone`): the day's reminder posts, on the leader only (never overlapping)."""
+
+    async def daily_reminders() -> None:
+        try:
+            await reminders_job(port, leader, now())
+        except Exception:
+            log.exception("daily reminders failed")  # the next run of the day retries; nothing is created twice
+
+    scheduler.add_job(
+        daily_reminders,
+        cron_trigger(cron, timezone),  # crontab weekdays (0/7 = Sunday), unlike APScheduler's from_crontab
+        id=REMINDERS_JOB_ID,
+        name="create the daily reminder posts",
+        replace_existing=True,
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=1800,
+    )

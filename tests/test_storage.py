@@ -33,7 +33,7 @@ TABLES = {"customers", "conversations", "messages", "outbox", "kf_cursors", "ord
           "staff_users", "api_tokens", "audit_log", "script_revisions",
           "sla_clocks", "sla_events", "csat_surveys",
           "posts", "post_targets", "post_deliveries", "group_robots", "mass_message_tasks",
-          "customer_subscriptions"}
+          "customer_subscriptions", "post_touches"}
 T0 = 1_700_000_000
 
 

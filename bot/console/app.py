@@ -17,6 +17,7 @@ from bot.auth import json_error
 from bot.console.actions import AgentDirectory, ConsoleActions, NotWiredActions
 from bot.console.events import EventHub
 from bot.console.policy import ConsoleUser
+from bot.console.posts_views import PostsViews
 from bot.console.sessions import DEFAULT_ABSOLUTE_S, DEFAULT_IDLE_S, ConsoleKeys, LoginLimiter, SessionStore
 from bot.console.sse import events_handler
 from bot.console.state import (
@@ -32,6 +33,8 @@ from bot.console.templates import message_page
 from bot.console.views import ConsoleError, ConsoleViews, constant_equal, login_redirect, wants_json
 from bot.storage.console_repository import ConsoleRepository
 from bot.storage.db import create_session_factory
+from bot.storage.post_stats_repository import PostStatsRepository
+from bot.storage.posts_repository import PostRepository
 from bot.storage.staff_repository import AuditRepository
 from bot.web_assets import page_csp, set_page_headers
 from handlers.domain import Clock
@@ -162,6 +165,7 @@ def create_console_app(
     app = web.Application(middlewares=console_middlewares(state))
     app[CONSOLE_STATE] = state
     app.add_routes(ConsoleViews(state).routes())
+    app.add_routes(PostsViews(state, PostRepository(sessions, clock), PostStatsRepository(sessions, clock)).routes())
     app.router.add_get("/events", events_handler(state))
 
     async def close_streams(_app: web.Application) -> None:

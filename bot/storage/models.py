@@ -615,3 +615,28 @@ class CustomerSubscription(Base):
     opted_out: Mapped[bool] = mapped_column(Boolean)
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     source: Mapped[str] = mapped_column(String(32))  # kf (the customer wrote), or console/api/import later
+
+
+class PostTouch(Base):
+    """One customer-facing send a delivery made to one recipient (a customer or a group): the audience history.
+
+    The audience policy counts today's marketing touches per recipient (daily caps) and reads the content
+    fingerprints a customer got within the de-duplication window. A segment delivery reaches many customers, so
+    touches are per (delivery, recipient); a delivery that is retried or held skips the recipients it already
+    touched. Customers are keyed by external_userid (one person across kf and 客户联系), groups by
+    `robot:{name}` or the customer group's chat_id.
+    """
+
+    __tablename__ = "post_touches"
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "recipient_kind", "recipient_id"),
+        Index(None, "recipient_kind", "recipient_id", "sent_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(BigId, ForeignKey("post_deliveries.id"))
+    recipient_kind: Mapped[str] = mapped_column(String(16))  # customer | group
+    recipient_id: Mapped[str] = mapped_column(String(160))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # handlers.audience.content_fingerprint
+    marketing: Mapped[bool] = mapped_column(Boolean)  # counted by the daily caps
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime)

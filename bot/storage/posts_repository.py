@@ -28,6 +28,7 @@ from bot.storage.models import (
     PostDelivery,
     PostStatus,
     PostTarget,
+    PostTouch,
     TargetKind,
 )
 from bot.storage.repositories import MAX_ERROR_CHARS, _as_utc, _insert, _Repository, _rowcount
@@ -118,6 +119,16 @@ class MassTaskRecord:
     checked_at: datetime | None
     reminded_at: datetime | None
     confirmed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """One customer-facing send to one recipient (customer: external_userid; group: `robot:{name}` or chat_id)."""
+
+    recipient_kind: str  # handlers.audience.RecipientKind value: customer | group
+    recipient_id: str
+    fingerprint: str
+    marketing: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,3 +645,62 @@ class PostRepository(_Repository):
                     outside.add(external_id)
         reached = {ext for ext, _ in inside}
         return inside, len(outside - reached)
+
+    # ---- audience history (touches) ----------------------------------------------------------------------
+
+    async def record_touches(self, delivery_id: int, touches: Sequence[Touch], now: datetime) -> int:
+        """Record sends made by a delivery (once per recipient: a repeat is ignored); how many were new."""
+        if not touches:
+            return 0
+        inserted = 0
+        async with self._sessions.begin() as session:
+            for touch in touches:
+                stmt = (
+                    _insert(session, PostTouch)
+                    .values(
+                        delivery_id=delivery_id,
+                        recipient_kind=touch.recipient_kind,
+                        recipient_id=touch.recipient_id,
+                        fingerprint=touch.fingerprint,
+                        marketing=touch.marketing,
+                        sent_at=now,
+                    )
+                    .on_conflict_do_nothing(
+                        index_elements=[PostTouch.delivery_id, PostTouch.recipient_kind, PostTouch.recipient_id]
+                    )
+                    .returning(PostTouch.id)
+                )
+                inserted += (await session.execute(stmt)).scalar_one_or_none() is not None
+        return inserted
+
+    async def touched_by(self, delivery_id: int) -> set[str]:
+        """The recipients this delivery has reached already (a retried or held delivery skips them)."""
+        stmt = select(PostTouch.recipient_id).where(PostTouch.delivery_id == delivery_id)
+        async with self._sessions() as session:
+            return set((await session.scalars(stmt)).all())
+
+    async def count_touches(self, recipient_kind: str, recipient_id: str, start: datetime, end: datetime) -> int:
+        """Marketing sends to one recipient in [start, end) (the daily caps)."""
+        stmt = select(func.count()).where(
+            PostTouch.recipient_kind == recipient_kind,
+            PostTouch.recipient_id == recipient_id,
+            PostTouch.marketing.is_(True),
+            PostTouch.sent_at >= start,
+            PostTouch.sent_at < end,
+        )
+        async with self._sessions() as session:
+            return int((await session.execute(stmt)).scalar_one())
+
+    async def recent_fingerprints(self, recipient_kind: str, recipient_id: str, since: datetime) -> dict[str, datetime]:
+        """fingerprint -> the last time it was sent to this recipient, for sends at or after `since` (de-dup)."""
+        stmt = (
+            select(PostTouch.fingerprint, func.max(PostTouch.sent_at))
+            .where(
+                PostTouch.recipient_kind == recipient_kind,
+                PostTouch.recipient_id == recipient_id,
+                PostTouch.sent_at >= since,
+            )
+            .group_by(PostTouch.fingerprint)
+        )
+        async with self._sessions() as session:
+            return {fp: _as_utc(at) for fp, at in (await session.execute(stmt)).all()}
