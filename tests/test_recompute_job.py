@@ -22,7 +22,7 @@ from scheduler.runner import RECOMPUTE_TAGS_JOB_ID, RecomputeSchedule, build_sch
 from tests.conftest import Backend, make_settings
 
 # The order-import tests' storage fixtures (same backend, clock and repository), shared rather than copied.
-from tests.test_orders_import import HEADER, NOW, FakeClock, clock, engine, repo, sessions  # noqa: F401
+from tests.test_orders_import import HEADER, NOW, FakeClock, clock, repo, sessions  # noqa: F401
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 VIP = {"高价值", "rfm:high", "lifecycle:mature", "activity:active"}
