@@ -55,11 +55,10 @@ import os
 import pstats
 import random
 import secrets
-import statistics
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -74,6 +73,7 @@ import structlog  # noqa: E402
 from aiohttp.test_utils import TestServer  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from bench.measure import LogCounter, cpu_of, pct, summary  # noqa: E402
 from bot.app import Services, build_post_engine, open_services  # noqa: E402
 from bot.leader import LeaderElection  # noqa: E402
 from bot.logs import configure_logging  # noqa: E402
@@ -105,43 +105,6 @@ PHASES = ("_materialise", "_mark_missed", "_reclaim", "_poll_mass_tasks", "_send
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": pct(values, 50),
-        "p99": pct(values, 99),
-        "max": max(values) if values else float("nan"),
-        "mean": statistics.fmean(values) if values else float("nan"),
-    }
-
-
-def cpu_of(names: tuple[str, ...]) -> float:
-    """CPU seconds (user + system) of every process whose command name starts with one of `names`."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if comm.startswith(names):
-            fields = stat[stat.rindex(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
-
-
 def own_cpu() -> float:
     usage = os.times()
     return usage.user + usage.system
@@ -153,21 +116,6 @@ def earliest(slots: list[float], per_minute: int = PER_MINUTE) -> list[float]:
     for k, slot in enumerate(sorted(slots)):
         out.append(max(slot, out[k - per_minute] + MINUTE) if k >= per_minute else slot)
     return out
-
-
-class LogCounter:
-    """A structlog processor counting warnings and errors by event; prints only the first few of each."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[tuple[str, str]] = Counter()
-
-    def __call__(self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        if method in ("warning", "error", "exception", "critical"):
-            key = (method, str(event_dict.get("event")))
-            self.counts[key] += 1
-            if self.counts[key] > 3:
-                raise structlog.DropEvent
-        return event_dict
 
 
 class SkippedRuns(logging.Filter):
