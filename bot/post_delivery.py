@@ -595,13 +595,8 @@ class PostDeliveryEngine:
         except WeComApiError as exc:
             return self._api_failure(tick, delivery, exc)
         except WeComTransportError as exc:
-            if _never_sent(exc):
-                return self._retry(tick, delivery, "transport_error", None, exc.reason)
-            return Outcome(
-                DeliveryState.FAILED,
-                reason="outcome_unknown",
-                errmsg=exc.reason,
-                notify="群机器人无应答，无法确认是否已发出；为避免重复发送，不再重试，请到群内核实",
+            return self._transport_failure(
+                tick, delivery, exc, "群机器人无应答，无法确认是否已发出；为避免重复发送，不再重试，请到群内核实"
             )
         return Outcome(DeliveryState.SENT)
 
@@ -664,13 +659,8 @@ class PostDeliveryEngine:
         except WeComApiError as exc:
             return self._api_failure(tick, delivery, exc)
         except WeComTransportError as exc:
-            if _never_sent(exc):
-                return self._retry(tick, delivery, "transport_error", None, exc.reason)
-            return Outcome(
-                DeliveryState.FAILED,
-                reason="outcome_unknown",
-                errmsg=exc.reason,
-                notify="创建企业群发无应答，无法确认任务是否已创建；为避免重复群发，不再重试",
+            return self._transport_failure(
+                tick, delivery, exc, "创建企业群发无应答，无法确认任务是否已创建；为避免重复群发，不再重试"
             )
         msgid = str(response.get("msgid") or "")
         if chat_id in [str(c) for c in response.get("fail_list") or []] or not msgid:
@@ -772,6 +762,14 @@ class PostDeliveryEngine:
         return Outcome(DeliveryState.SKIPPED, reason=reason, detail=detail)
 
     # ---- outcomes -----------------------------------------------------------------------------------------
+
+    def _transport_failure(
+        self, tick: _Tick, delivery: DeliveryRecord, exc: WeComTransportError, notify: str
+    ) -> Outcome:
+        """A call that never reached WeCom is retried; one that may have (no idempotency) fails, owner told."""
+        if _never_sent(exc):
+            return self._retry(tick, delivery, "transport_error", None, exc.reason)
+        return Outcome(DeliveryState.FAILED, reason="outcome_unknown", errmsg=exc.reason, notify=notify)
 
     def _hold(self, tick: _Tick, reason: str, wait_s: float) -> Outcome:
         tick.report.held += 1
